@@ -1,0 +1,59 @@
+"""Local-training step time of each objective, as ratios to PGD-AT's, measured in one run.
+
+    python bench/step_time.py [--model cnn-small] [--image-size 8] [--channels 1] [--batch 32]
+
+PM-AFL's step = one PGD-K attack (like PGD-AT) + one forward/backward over four views + two no-grad
+forwards (teacher on the blend, frozen global model); the teacher's logits on clean images are
+precomputed, as the ClientApp does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pmafl.config import TrainConfig
+from pmafl.data import make_loader
+from pmafl.models import create_model
+from pmafl.train import pmafl_train
+
+
+def time_objective(objective: str, args: argparse.Namespace, batches: int) -> float:
+    torch.manual_seed(0)
+    shape = (args.batch * batches, args.channels, args.image_size, args.image_size)
+    images, labels = torch.rand(shape), torch.randint(0, 10, (shape[0],))
+    mean, std = [0.5] * args.channels, [0.25] * args.channels
+    model = create_model(args.model, 10, args.channels, mean, std)
+    teacher = create_model(args.teacher, 10, args.channels, mean, std).eval()
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    loader = make_loader(images, labels, teacher_logits, batch_size=args.batch, shuffle=False)
+    config = TrainConfig(objective=objective, local_epochs=1, pgd_steps=args.pgd_steps)
+    pmafl_train(model, teacher, loader, config)  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        pmafl_train(model, teacher, loader, config)
+    return (time.perf_counter() - start) / (args.repeats * batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn-small")
+    parser.add_argument("--teacher", default="cnn-large")
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    times = {obj: time_objective(obj, args, batches=4) for obj in ("ce", "pgd-at", "pmafl")}
+    print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"PGD-{args.pgd_steps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for obj, seconds in times.items():
+        print(f"{obj:>7}: {seconds * 1000:8.2f} ms/step  ({seconds / times['pgd-at']:.2f} x PGD-AT)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""ClientApp: thin wiring from a Flower train message to `pmafl.train.pmafl_train`.
+
+Node config: `partition-id` and `num-partitions` (filled in by the simulation; set with
+`flower-supernode --node-config` in deployment) and optionally `teacher-cache-dir`.
+"""
+
+from __future__ import annotations
+
+import torch
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER
+
+from pmafl.config import RunConfig, TrainConfig
+from pmafl.data import make_loader
+from pmafl.task import build_model, client_split, get_teacher, load_data, resolve_device
+from pmafl.train import pmafl_train
+
+app = ClientApp()
+# The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
+# progress) in the run's log stream.
+logging.getLogger("pmafl").setLevel(logging.INFO)
+logging.getLogger("pmafl").handlers = FLOWER_LOGGER.handlers
+
+
+def _node_partition(context: Context) -> tuple[int, int]:
+    node_config = context.node_config
+    for key in ("partition-id", "num-partitions"):
+        if key not in node_config:
+            raise ValueError(f"node config lacks '{key}': start the SuperNode with "
+                             "--node-config \"partition-id=N num-partitions=M\"")
+    return int(node_config["partition-id"]), int(node_config["num-partitions"])
+
+
+def _teacher_logits(context: Context, teacher: torch.nn.Module, sha256: str,
+                    images: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits on this node's un-augmented images: computed once, kept in the node's
+    state across rounds (keyed by the teacher's checksum)."""
+    meta = context.state.get("teacher-logits-meta")
+    if meta is not None and meta["sha256"] == sha256 and meta["num-examples"] == len(images):
+        return context.state["teacher-logits"].to_torch_state_dict()["logits"]
+    device = next(teacher.parameters()).device
+    with torch.no_grad():
+        logits = torch.cat([teacher(chunk.to(device)).cpu() for chunk in images.split(512)])
+    context.state["teacher-logits"] = ArrayRecord(torch_state_dict={"logits": logits})
+    context.state["teacher-logits-meta"] = ConfigRecord({"sha256": sha256, "num-examples": len(images)})
+    return logits
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of the received global model on this node's partition."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    train_config = TrainConfig.from_mapping(msg.content["config"])
+    server_round = int(msg.content["config"].get("server-round", 0))
+    partition_id, num_partitions = _node_partition(context)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    images, labels = client_split(cfg, data, partition_id, num_partitions).tensors()
+    # Seeded by run, round and partition: two runs with one seed train identically.
+    torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
+
+    model = build_model(cfg, data)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    tensors = [images, labels]
+    teacher = None
+    if train_config.objective == "pmafl":
+        cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
+        teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
+        tensors.append(_teacher_logits(context, teacher, sha256, images))
+    loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True,
+                         seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    metrics = pmafl_train(model, teacher, loader, train_config)
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,9 @@
+"""pmafl core: models, data, attacks, losses, teacher cache, local training and evaluation.
+
+Plain PyTorch; imports no Flower code, so any Flower project or script can reuse it.
+"""
+
+from pmafl.config import ConfigError, RunConfig, TrainConfig
+from pmafl.train import pmafl_train
+
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "pmafl_train"]

@@ -1,0 +1,217 @@
+"""Typed, validated configuration: the one place every run-config key is defined.
+
+Flower hands the ServerApp and ClientApp a flat mapping (`context.run_config`) built from
+`[tool.flwr.app.config]` in pyproject.toml and `flwr run --run-config`. `RunConfig.from_mapping`
+turns it into a frozen dataclass, rejecting unknown keys and bad values with an error that names
+the key and what was expected. The local-training hyperparameters live in `TrainConfig`, which the
+strategy broadcasts to clients each round and which the plug-in training function takes directly.
+
+Each field's run-config key is its name with `_` replaced by `-`; its metadata holds the README
+documentation and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pmafl.models import is_known_model, model_names
+
+OBJECTIVES = ("pmafl", "ce", "pgd-at")
+ATTACK_LOSSES = ("ce", "kl")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or holds a value outside what it allows."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False) -> Any:
+    """A config field: default, README text, and the allowed values (a set or a range)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
+                                             "high": high, "low_open": low_open})
+
+
+def _expected(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type(f.default)]
+    if meta["low"] is None and meta["high"] is None:
+        return kind
+    if meta["high"] is None:
+        return f"{kind} {'>' if meta['low_open'] else '>='} {meta['low']:g}"
+    left = "(" if meta["low_open"] else "["
+    return f"{kind} in {left}{meta['low']:g}, {meta['high']:g}]"
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Check one value against its field and return it in the field's type."""
+    meta, kind = f.metadata, type(f.default)
+    bad = ConfigError(f"{where} key '{_key(f.name)}': expected {_expected(f)}, got {value!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise bad
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif not isinstance(value, str):
+        raise bad
+    if meta["choices"] and value not in meta["choices"]:
+        raise bad
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        raise bad
+    if high is not None and value > high:
+        raise bad
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str, ignore: tuple[str, ...] = ()) -> Any:
+    fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields) - set(ignore))
+    if unknown:
+        raise ConfigError(f"{where} key '{unknown[0]}' is unknown; known keys: {', '.join(sorted(fields))}")
+    kwargs = {f.name: _coerce(f, values[key], where) for key, f in fields.items() if key in values}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local-training hyperparameters: what a client needs to run one round of local training."""
+
+    objective: str = option("pmafl", "Local objective: `pmafl` (PM-AFL), `ce` (FedAvg, clean "
+                            "cross-entropy) or `pgd-at` (FedAvg with Madry PGD adversarial training).",
+                            choices=OBJECTIVES)
+    local_epochs: int = option(2, "Local epochs per round.", low=1)
+    lr: float = option(0.05, "SGD learning rate of local training.", low=0, low_open=True)
+    momentum: float = option(0.9, "SGD momentum.", low=0, high=1)
+    weight_decay: float = option(5e-4, "SGD weight decay.", low=0)
+    alpha: float = option(0.5, "PM-AFL weight of L_VKD; L_AKD gets 1 - alpha.", low=0, high=1)
+    lambda_alg: float = option(0.01, "PM-AFL weight of L_ALG, the consistency with the received "
+                               "global model.", low=0)
+    tau: float = option(1.0, "Distillation temperature.", low=0, low_open=True)
+    mixup_alpha: float = option(1.0, "Mixup coefficient a: lam ~ Beta(a, a); 0 turns mixup off "
+                                "(the blend terms then repeat the plain terms).", low=0)
+    ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
+                              low=0)
+    attack_loss: str = option("ce", "Loss PGD maximises during training: `ce` (labels) or `kl` "
+                              "(to the teacher's probabilities, PM-AFL only).", choices=ATTACK_LOSSES)
+    eps: float = option(0.2, "L_inf attack radius, for training and evaluation (inputs in [0, 1]). "
+                        "0.2 suits 8x8 digits; use 0.031373 (8/255) for CIFAR/SVHN.", low=0)
+    pgd_step: float = option(0.05, "PGD step size (eps/4 is usual).", low=0, low_open=True)
+    pgd_steps: int = option(10, "PGD steps K for training adversarial examples.", low=1)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "train config") -> TrainConfig:
+        """Validate a flat mapping (a ConfigRecord's items); Flower's `server-round` is ignored."""
+        return _build(cls, values, where, ignore=("server-round",))
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat `key: value` mapping, ready for a Flower ConfigRecord."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs beyond local training: federation, data, models, output."""
+
+    num_server_rounds: int = option(30, "Federated rounds.", low=1)
+    fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.",
+                                   low=0, high=1, low_open=True)
+    min_train_nodes: int = option(2, "Fewest nodes trained per round.", low=1)
+    min_available_nodes: int = option(2, "Nodes that must be connected before a round starts.", low=1)
+    round_timeout: float = option(600.0, "Seconds the server waits for replies in a round.",
+                                  low=0, low_open=True)
+    dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), `cifar10`, "
+                          "`cifar100`, `fashion-mnist`, `svhn` (from `data-dir`).",
+                          choices=("digits", "cifar10", "cifar100", "fashion-mnist", "svhn"))
+    data_dir: str = option("", "Folder holding downloaded datasets; empty: ~/.cache/pmafl/data.")
+    download: bool = option(False, "Download a missing dataset (needs the network).")
+    public_fraction: float = option(0.3, "Fraction of the training split kept public to pre-train "
+                                    "the teacher; clients never see it.", low=0, high=1, low_open=True)
+    partitioner: str = option("dirichlet", "How client partitions are drawn (flwr-datasets).",
+                              choices=PARTITIONERS)
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller: more non-IID).",
+                                    low=0, low_open=True)
+    classes_per_partition: int = option(2, "Classes per client for the pathological partitioner.",
+                                        low=1)
+    batch_size: int = option(32, "Local and evaluation batch size.", low=1)
+    seed: int = option(0, "Seed of partitions, initial model and local training.", low=0)
+    model: str = option("cnn-small", "Student / global model, by registry name.")
+    teacher_model: str = option("cnn-large", "Teacher architecture, by registry name "
+                                "(`torchvision/<name>` for torchvision models).")
+    teacher_cache_dir: str = option("", "Teacher cache folder; empty: ~/.cache/pmafl/teachers. "
+                                    "A node's `teacher-cache-dir` node-config key overrides it.")
+    teacher_sha256: str = option("", "Expected sha256 of the cached teacher file; empty accepts "
+                                 "the checksum recorded in the cache.")
+    teacher_objective: str = option("pgd-at", "How a missing teacher is pre-trained on the public "
+                                    "split: `ce` or `pgd-at`.", choices=("ce", "pgd-at"))
+    teacher_epochs: int = option(60, "Epochs of teacher pre-training.", low=1)
+    eval_steps: int = option(20, "PGD steps of the central robust evaluation (PGD-20).", low=1)
+    results_dir: str = option("results", "Where each run writes its results folder (relative "
+                              "paths resolve against the app folder).")
+    device: str = option("auto", "`auto` (CUDA when present), `cpu` or `cuda`.", choices=DEVICES)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": None})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "run config") -> RunConfig:
+        """Validate Flower's flat run config; keys of `TrainConfig` go to `.train`."""
+        train_keys = {_key(f.name) for f in dataclasses.fields(TrainConfig)}
+        train = TrainConfig.from_mapping({k: v for k, v in values.items() if k in train_keys}, where)
+        own = {k: v for k, v in values.items() if k not in train_keys}
+        if "train" in own:
+            raise ConfigError(f"{where} key 'train' is unknown")
+        cfg = _build(cls, own, where)
+        cfg = dataclasses.replace(cfg, train=train)
+        if cfg.train.attack_loss == "kl" and cfg.train.objective != "pmafl":
+            raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl', "
+                              f"got objective {cfg.train.objective!r}")
+        for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
+            if not is_known_model(name):
+                raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "
+                                  f"got {name!r}")
+        if cfg.min_available_nodes < cfg.min_train_nodes:
+            raise ConfigError(f"{where} key 'min-available-nodes': expected >= min-train-nodes "
+                              f"({cfg.min_train_nodes}), got {cfg.min_available_nodes}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat run-config mapping (as it would appear in pyproject), for results.json."""
+        flat = {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        return {**flat, **self.train.to_record()}
+
+
+def documented_fields() -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every run-config key, in README order."""
+    rows = []
+    for cls in (RunConfig, TrainConfig):
+        rows += [(_key(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)
+                 if f.metadata.get("doc")]
+    return rows
+
+
+def markdown_table() -> str:
+    """The README's run-config table, generated from the dataclasses."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in documented_fields():
+        shown = f'"{default}"' if isinstance(default, str) else str(default).lower() \
+            if isinstance(default, bool) else repr(default)
+        lines.append(f"| `{key}` | `{shown}` | {doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Datasets and federated partitions.
+
+Every dataset is split three ways, the same on every machine: a held-out `test` split (the
+dataset's own test set; 20% of the data for digits), a `public` split carved from the training
+data on which the teacher is pre-trained, and the `pool` that is partitioned among the clients with
+a flwr-datasets partitioner. Images are kept as uint8 NCHW tensors and turned into float [0, 1]
+only for the part a process works on.
+
+`digits` (scikit-learn's 8x8 handwritten digits) ships with scikit-learn, so the default run needs
+no network. CIFAR-10/100 are read from the python-pickle archives' on-disk format; Fashion-MNIST
+and SVHN through torchvision. All four download only when `download` is true.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "svhn")
+# The public/pool split is fixed across runs: a cached teacher must never have seen client data,
+# whatever seed the federation uses.
+SPLIT_SEED = 2024
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", [f"data_batch_{i}" for i in range(1, 6)],
+                "test_batch", b"labels"),
+    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", ["train"], "test", b"fine_labels"),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float images in [0, 1], labels)."""
+        return self.images.float() / 255.0, self.labels
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    public: Split
+    pool: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.test.images.shape[1]
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".cache" / "pmafl" / "data"
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str = "", download: bool = False,
+                 public_fraction: float = 0.3) -> FederatedData:
+    """The dataset's public / pool / test splits (cached per process)."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if name == "digits":
+        train, test, num_classes = _digits()
+    elif name in _CIFAR:
+        train, test, num_classes = _cifar(name, root, download)
+    elif name == "fashion-mnist":
+        train, test, num_classes = _fashion_mnist(root, download)
+    elif name == "svhn":
+        train, test, num_classes = _svhn(root, download)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    public_idx, pool_idx = _stratified_split(train.labels.numpy(), public_fraction, SPLIT_SEED)
+    public = train.subset(public_idx)
+    x, _ = public.tensors()
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return FederatedData(public, train.subset(pool_idx), test, num_classes, mean, std)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (first, rest) with `fraction` of every class in `first`."""
+    rng = np.random.default_rng(seed)
+    first = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        first.append(idx[: int(round(fraction * len(idx)))])
+    first_idx = np.sort(np.concatenate(first))
+    return first_idx, np.setdiff1d(np.arange(len(labels)), first_idx)
+
+
+def _digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images / 16.0 * 255.0).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    labels = bunch.target.astype(np.int64)
+    test_idx, train_idx = _stratified_split(labels, 0.2, SPLIT_SEED)
+    full = Split(torch.from_numpy(images), torch.from_numpy(labels))
+    return full.subset(train_idx), full.subset(test_idx), 10
+
+
+def _cifar(name: str, root: Path, download: bool) -> tuple[Split, Split, int]:
+    folder, url, md5, train_files, test_file, label_key = _CIFAR[name]
+    base = root / folder
+    if not base.is_dir() and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(url, str(root), md5=md5)
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset {name!r}: no folder {base}; put the python version of "
+                                f"{name} there, or set download=true")
+
+    def read(files: list[str]) -> Split:
+        images, labels = [], []
+        for file in files:
+            path = base / file
+            if not path.is_file():
+                raise FileNotFoundError(f"dataset {name!r}: missing file {path}")
+            with path.open("rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+    return read(train_files), read([test_file]), 10 if name == "cifar10" else 100
+
+
+def _torchvision_split(cls: type, root: Path, download: bool, name: str, **kwargs) -> Split:
+    try:
+        ds = cls(str(root), download=download, **kwargs)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"dataset {name!r} not found under {root} ({e}); "
+                                "set download=true to fetch it") from e
+    labels = getattr(ds, "targets", None)
+    labels = ds.labels if labels is None else labels
+    images = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
+    if images.ndim == 3:
+        images = images[:, None]
+    return Split(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _fashion_mnist(root: Path, download: bool) -> tuple[Split, Split, int]:
+    from torchvision.datasets import FashionMNIST
+
+    train = _torchvision_split(FashionMNIST, root, download, "fashion-mnist", train=True)
+    test = _torchvision_split(FashionMNIST, root, download, "fashion-mnist", train=False)
+    return train, test, 10
+
+
+def _svhn(root: Path, download: bool) -> tuple[Split, Split, int]:
+    from torchvision.datasets import SVHN
+
+    train = _torchvision_split(SVHN, root / "svhn", download, "svhn", split="train")
+    test = _torchvision_split(SVHN, root / "svhn", download, "svhn", split="test")
+    return train, test, 10
+
+
+def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int,
+                      partitioner: str = "dirichlet", dirichlet_alpha: float = 0.5,
+                      classes_per_partition: int = 2, seed: int = 0) -> np.ndarray:
+    """Indices into `labels` of one client's partition, drawn by a flwr-datasets partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions)
+    elif partitioner == "dirichlet":
+        part = DirichletPartitioner(num_partitions, "label", dirichlet_alpha,
+                                    min_partition_size=min(10, len(labels) // num_partitions),
+                                    seed=seed)
+    elif partitioner == "pathological":
+        # first-deterministic: every class is used whenever there are at least as many clients.
+        part = PathologicalPartitioner(num_partitions, "label", classes_per_partition,
+                                       class_assignment_mode="first-deterministic", seed=seed)
+    else:
+        raise ValueError(f"unknown partitioner {partitioner!r}")
+    part.dataset = Dataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
+    return np.asarray(part.load_partition(partition_id)["index"], dtype=np.int64)
+
+
+def make_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator)

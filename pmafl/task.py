@@ -1,0 +1,54 @@
+"""From a `RunConfig` to the objects a run works with: device, data, models, a client's share.
+
+The ServerApp and ClientApp call these; so can any script (see `tests/test_plugin.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pmafl.config import RunConfig
+from pmafl.data import FederatedData, Split, load_dataset, partition_indices
+from pmafl.models import Normalized, create_model
+from pmafl.teacher import ensure_teacher, teacher_path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available on this node")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_data(cfg: RunConfig) -> FederatedData:
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.public_fraction)
+
+
+def build_model(cfg: RunConfig, data: FederatedData) -> Normalized:
+    return create_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
+
+
+def client_split(cfg: RunConfig, data: FederatedData, partition_id: int, num_partitions: int) -> Split:
+    index = partition_indices(data.pool.labels.numpy(), num_partitions, partition_id,
+                              cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_partition, cfg.seed)
+    return data.pool.subset(index)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
+                    device: torch.device) -> tuple[nn.Module, str]:
+    return ensure_teacher(path, data, cfg.dataset, cfg.teacher_model, cfg.teacher_objective,
+                          cfg.teacher_epochs, cfg.train.eps, cfg.train.pgd_step,
+                          cfg.teacher_sha256, device)
+
+
+def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
+                device: torch.device = torch.device("cpu")) -> tuple[nn.Module, str]:
+    """The verified cached teacher (pre-trained first when absent), loaded once per process."""
+    path = teacher_path(cache_dir or cfg.teacher_cache_dir, cfg.dataset, cfg.teacher_model)
+    return _cached_teacher(path, data, cfg, device)

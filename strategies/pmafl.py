@@ -1,0 +1,124 @@
+"""PM-AFL strategy: FedAvg that broadcasts PM-AFL's local-training hyperparameters and never lets
+one bad client reply end the run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore import log
+
+from pmafl.config import TrainConfig
+from strategies.strategy_utils import reply_problem
+
+
+class PMAFL(FedAvg):
+    """Pre-trained Model guided Adversarial Federated Learning, server side.
+
+    Each round it sends the global model and the local-training hyperparameters (`train_config`,
+    merged under any `train_config` given to `start`) to the sampled nodes, screens the replies and
+    averages the valid ones weighted by `num-examples` (FedAvg). A reply is left out, and logged
+    with its node id and the reason, when it is an error reply, lacks the arrays or the
+    `num-examples` metric, or carries arrays of the wrong keys or shapes, or NaN/Inf values; a
+    sampled node that does not answer is logged as missing. `failures` keeps every left-out reply
+    per round. If no reply is valid, the global model stays as it was.
+
+    Parameters
+    ----------
+    train_config : TrainConfig (default: TrainConfig())
+        Local-training hyperparameters broadcast in every train message (objective, alpha,
+        lambda-alg, tau, mixup-alpha, eps, PGD steps, optimiser settings, ...).
+    **fedavg_kwargs
+        Passed to Flower's `FedAvg`: fraction_train (1.0), fraction_evaluate (1.0),
+        min_train_nodes (2), min_evaluate_nodes (2), min_available_nodes (2),
+        weighted_by_key ("num-examples"), arrayrecord_key ("arrays"), configrecord_key ("config"),
+        train_metrics_aggr_fn, evaluate_metrics_aggr_fn.
+    """
+
+    def __init__(self, train_config: TrainConfig | None = None, **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.train_config = train_config or TrainConfig()
+        self.failures: dict[int, list[dict[str, Any]]] = {}
+        self._sent_shapes: dict[str, tuple[int, ...]] = {}
+        self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> PM-AFL local training (broadcast each round):")
+        for key, value in self.train_config.to_record().items():
+            log(INFO, "\t│\t├── %s: %s", key, value)
+        super().summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Sample nodes; send them the global model and the PM-AFL hyperparameters."""
+        config = ConfigRecord({**self.train_config.to_record(), **config})
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent_shapes = {key: tuple(array.shape) for key, array in arrays.items()}
+        self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted mean of the valid replies' arrays and metrics."""
+        valid = self._screen(server_round, "train", replies, self._sent_shapes)
+        if not valid:
+            log(WARNING, "round %d: no valid train reply; the global model stays as it was",
+                server_round)
+            return None, None
+        contents = [msg.content for msg in valid]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sampled["evaluate"] = [msg.metadata.dst_node_id for msg in messages]
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean of the valid replies' metrics."""
+        valid = self._screen(server_round, "evaluate", replies, None)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+
+    def _screen(self, server_round: int, stage: str, replies: Iterable[Message],
+                expected_shapes: dict[str, tuple[int, ...]] | None) -> list[Message]:
+        """The replies fit to average; log and record the others, and the nodes that never answered."""
+        valid: list[Message] = []
+        answered: set[int] = set()
+        metric_keys: set[str] | None = None
+        sampled = self._sampled[stage]
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                # An unreachable node's error comes from the SuperLink, not from the node: it is
+                # then reported below as missing, by the ids that were sampled.
+                if node in sampled:
+                    answered.add(node)
+                    self._fail(server_round, stage, node,
+                               f"error reply (code {msg.error.code}): {msg.error.reason}")
+                continue
+            answered.add(node)
+            problem = reply_problem(msg.content, expected_shapes, self.weighted_by_key, metric_keys)
+            if problem:
+                self._fail(server_round, stage, node, f"malformed reply: {problem}")
+                continue
+            if metric_keys is None:
+                metric_keys = set(next(iter(msg.content.metric_records.values())).keys())
+            valid.append(msg)
+        for node in sorted(set(sampled) - answered):
+            self._fail(server_round, stage, node, "no reply (node unreachable or round timed out)")
+        log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round, stage,
+            len(valid), len(sampled))
+        return valid
+
+    def _fail(self, server_round: int, stage: str, node: int, reason: str) -> None:
+        log(WARNING, "round %d %s: node %d left out: %s", server_round, stage, node, reason)
+        self.failures.setdefault(server_round, []).append(
+            {"stage": stage, "node": node, "reason": reason})

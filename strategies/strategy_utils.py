@@ -1,0 +1,53 @@
+"""Helpers shared by the strategies: screening client replies before they reach an average."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+
+
+def reply_problem(content: RecordDict, expected_shapes: dict[str, tuple[int, ...]] | None,
+                  weighted_by_key: str, metric_keys: set[str] | None = None) -> str | None:
+    """Why a reply cannot be averaged, or None when it can.
+
+    A train reply (expected_shapes given) must hold exactly one ArrayRecord with the keys and
+    shapes of the arrays that were sent, all finite. Every reply must hold exactly one
+    MetricRecord with a positive, finite `weighted_by_key`, finite values, and (when given) the
+    same keys as the other replies.
+    """
+    if expected_shapes is not None:
+        if len(content.array_records) != 1:
+            return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
+        problem = array_problem(next(iter(content.array_records.values())), expected_shapes)
+        if problem:
+            return problem
+    if len(content.metric_records) != 1:
+        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weighted_by_key)
+    if isinstance(weight, list) or weight is None or not math.isfinite(weight) or weight <= 0:
+        return f"metric '{weighted_by_key}' must be a positive number, got {weight!r}"
+    if metric_keys is not None and set(metrics.keys()) != metric_keys:
+        return f"metric keys {sorted(metrics.keys())} differ from the other replies' {sorted(metric_keys)}"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            return f"metric '{key}' is not finite ({value!r})"
+    return None
+
+
+def array_problem(arrays: ArrayRecord, expected_shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Missing or extra keys, a shape other than the one sent, NaN or Inf values."""
+    missing = sorted(set(expected_shapes) - set(arrays.keys()))
+    extra = sorted(set(arrays.keys()) - set(expected_shapes))
+    if missing or extra:
+        return f"array keys differ from the global model's: missing {missing}, unexpected {extra}"
+    for key, array in arrays.items():
+        if tuple(array.shape) != expected_shapes[key]:
+            return f"array '{key}' has shape {tuple(array.shape)}, expected {expected_shapes[key]}"
+        values = array.numpy()
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            return f"array '{key}' holds NaN or Inf values"
+    return None

@@ -1,0 +1,37 @@
+"""A Flower Grid that runs ClientApp handlers in this process: strategies and apps in unit tests
+without SuperLink or Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+
+Handler = Callable[[Message, Context], Message]
+
+
+class InProcessGrid:
+    """Node ids map to Contexts; each message goes to `handlers[message_type]` with its node's
+    Context. A handler that raises answers with an error reply (code 2), as a ClientApp would."""
+
+    def __init__(self, handlers: dict[str, Handler], node_configs: dict[int, dict],
+                 run_config: dict) -> None:
+        self.handlers = handlers
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(),
+                                       run_config=run_config)
+                         for node, cfg in node_configs.items()}
+        self.replies: list[list[Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            try:
+                replies.append(self.handlers[msg.metadata.message_type](msg, self.contexts[node]))
+            except Exception as e:  # noqa: BLE001 - a ClientApp's exception becomes an error reply
+                replies.append(Message(Error(code=2, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
+        self.replies.append(replies)
+        return replies

@@ -1,0 +1,58 @@
+"""PGD: stays in the eps-ball and [0, 1], raises the loss, leaves the model's mode alone."""
+
+import torch
+import torch.nn.functional as F
+
+from pmafl.attacks import PGD
+from pmafl.models import create_model
+
+
+def setup_model():
+    torch.manual_seed(0)
+    model = create_model("cnn-small", 10, 1, [0.3], [0.4])
+    images = torch.rand(16, 1, 8, 8)
+    labels = torch.randint(0, 10, (16,))
+    return model, images, labels
+
+
+def test_pgd_stays_in_eps_ball_and_unit_box():
+    model, images, labels = setup_model()
+    adv = PGD(model, eps=0.1, step=0.03, steps=10)(images, labels)
+    assert (adv - images).abs().max().item() <= 0.1 + 1e-6
+    assert adv.min().item() >= 0.0 and adv.max().item() <= 1.0
+    assert (adv - images).abs().max().item() > 0.05  # it moved
+
+
+def test_pgd_raises_the_loss():
+    model, images, labels = setup_model()
+    model.eval()
+    with torch.no_grad():
+        clean = F.cross_entropy(model(images), labels).item()
+    adv = PGD(model, eps=0.1, step=0.025, steps=10)(images, labels)
+    with torch.no_grad():
+        attacked = F.cross_entropy(model(adv), labels).item()
+    assert attacked > clean + 0.1
+
+
+def test_kl_loss_moves_away_from_target_probabilities():
+    model, images, _ = setup_model()
+    model.eval()
+    with torch.no_grad():
+        target = F.softmax(model(images), dim=1)
+    adv = PGD(model, eps=0.1, step=0.025, steps=10, loss="kl")(images, target)
+    with torch.no_grad():
+        moved = F.kl_div(F.log_softmax(model(adv), 1), target, reduction="batchmean").item()
+    assert moved > 1e-3
+
+
+def test_pgd_restores_training_mode_and_leaves_parameter_gradients_empty():
+    model, images, labels = setup_model()
+    model.train()
+    PGD(model, eps=0.1, step=0.03, steps=3)(images, labels)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_zero_eps_returns_the_input():
+    model, images, labels = setup_model()
+    assert torch.equal(PGD(model, eps=0.0, step=0.01, steps=3)(images, labels), images)

@@ -1,0 +1,75 @@
+"""The ClientApp's train handler, in process."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import train
+from pmafl.config import RunConfig, TrainConfig
+from pmafl.task import build_model, client_split, load_data
+from pmafl.teacher import TeacherError
+
+RUN = {"teacher-epochs": 1, "teacher-objective": "ce", "num-server-rounds": 1}
+
+
+def instruction(cfg, train_config, server_round=1):
+    torch.manual_seed(0)
+    model = build_model(cfg, load_data(cfg))
+    config = ConfigRecord({**train_config.to_record(), "server-round": server_round})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    return Message(content, dst_node_id=7, message_type="train"), model
+
+
+def context(tmp_path, **node):
+    node_config = {"partition-id": 3, "num-partitions": 10, "teacher-cache-dir": str(tmp_path), **node}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=RUN)
+
+
+def test_train_handler_trains_the_partition_and_caches_teacher_logits(tmp_path):
+    cfg = RunConfig.from_mapping(RUN)
+    train_config = TrainConfig(local_epochs=1, pgd_steps=2)
+    msg, model = instruction(cfg, train_config)
+    ctx = context(tmp_path)
+    reply = train(msg, ctx)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    partition = client_split(cfg, load_data(cfg), 3, 10)
+    assert metrics["num-examples"] == len(partition)
+    assert all(np.isfinite(metrics[k]) for k in ("loss", "loss-vkd", "loss-akd", "loss-alg"))
+    sent, received = model.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    assert set(sent) == set(received)
+    assert any(not torch.equal(sent[k], received[k]) for k in sent)
+    # Teacher logits on the partition are computed once and kept in the node's state.
+    cached = ctx.state["teacher-logits"].to_torch_state_dict()["logits"]
+    assert cached.shape == (len(partition), 10)
+    ctx.state["teacher-logits"] = ArrayRecord(torch_state_dict={"logits": torch.zeros_like(cached)})
+    train(msg, ctx)
+    assert torch.equal(ctx.state["teacher-logits"].to_torch_state_dict()["logits"], torch.zeros_like(cached))
+
+
+def test_same_seed_same_reply(tmp_path):
+    cfg = RunConfig.from_mapping(RUN)
+    msg, _ = instruction(cfg, TrainConfig(objective="pgd-at", local_epochs=1, pgd_steps=2))
+    first = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()
+    second = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_teacher_checksum_mismatch_fails_on_the_node(tmp_path):
+    run = {**RUN, "teacher-sha256": "f" * 64}
+    cfg = RunConfig.from_mapping(run)
+    msg, _ = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=1))
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 10,
+                                                    "teacher-cache-dir": str(tmp_path)},
+                  state=RecordDict(), run_config=run)
+    with pytest.raises(TeacherError, match="the run expects " + "f" * 64):
+        train(msg, ctx)
+
+
+def test_missing_partition_id_is_explained(tmp_path):
+    cfg = RunConfig.from_mapping(RUN)
+    msg, _ = instruction(cfg, TrainConfig(objective="ce"))
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=RUN)
+    with pytest.raises(ValueError, match="node config lacks 'partition-id'"):
+        train(msg, ctx)

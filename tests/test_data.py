@@ -1,0 +1,80 @@
+"""Splits, partitions, and the CIFAR-10 reader on a small fake dataset in the real on-disk format."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pmafl.data import load_dataset, partition_indices
+
+
+def test_digits_splits_are_disjoint_and_cover_the_data():
+    data = load_dataset("digits")
+    assert len(data.public) + len(data.pool) + len(data.test) == 1797
+    assert data.test.images.shape[1:] == (1, 8, 8) and data.test.images.dtype == torch.uint8
+    assert data.num_classes == 10 and data.in_channels == 1
+    x, _ = data.public.tensors()
+    assert data.mean[0] == pytest.approx(x.mean().item(), rel=1e-5)
+    # No image of the public split (teacher data) appears in the client pool.
+    public = {bytes(img.numpy()) + bytes([int(y)]) for img, y in zip(data.public.images, data.public.labels)}
+    pool = {bytes(img.numpy()) + bytes([int(y)]) for img, y in zip(data.pool.images, data.pool.labels)}
+    assert len(public & pool) <= 5  # digits holds a few exact duplicate images
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_disjoint_and_cover_the_pool(partitioner):
+    labels = np.repeat(np.arange(10), 30)
+    parts = [partition_indices(labels, 10, pid, partitioner, 0.5, 2, seed=1) for pid in range(10)]
+    joined = np.concatenate(parts)
+    assert len(joined) == len(set(joined.tolist())) == len(labels)
+    if partitioner == "pathological":
+        assert all(len(set(labels[p].tolist())) <= 2 for p in parts)
+
+
+def test_dirichlet_partitions_are_non_iid_and_seeded():
+    labels = np.repeat(np.arange(10), 50)
+    first = partition_indices(labels, 5, 0, "dirichlet", 0.1, seed=3)
+    again = partition_indices(labels, 5, 0, "dirichlet", 0.1, seed=3)
+    assert np.array_equal(first, again)
+    counts = np.bincount(labels[first], minlength=10)
+    assert counts.max() > 3 * max(counts.mean(), 1)  # skewed, not a uniform share
+
+
+def test_partition_id_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="partition-id 5 is outside"):
+        partition_indices(np.zeros(20, dtype=int), 5, 5)
+
+
+def write_fake_cifar10(root, per_batch=8):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return written
+
+
+def test_cifar10_reader_on_fake_files_in_the_real_format(tmp_path):
+    written = write_fake_cifar10(tmp_path)
+    data = load_dataset("cifar10", str(tmp_path), False, 0.25)
+    assert len(data.test) == 8 and len(data.public) + len(data.pool) == 40
+    assert data.test.images.shape == (8, 3, 32, 32)
+    test_data, test_labels = written["test_batch"]
+    # Row-major channel planes: the red plane comes first, as in the real archive.
+    assert torch.equal(data.test.images[0, 0].flatten(), torch.from_numpy(test_data[0, :1024]))
+    assert torch.equal(data.test.images[0, 2].flatten(), torch.from_numpy(test_data[0, 2048:]))
+    assert data.test.labels.tolist() == test_labels
+    assert data.in_channels == 3 and len(data.mean) == 3
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*download=true"):
+        load_dataset("cifar10", str(tmp_path / "empty"), False, 0.3)

@@ -1,0 +1,73 @@
+"""Each loss term against a hand computation on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from pmafl.losses import (
+    adversarial_mixture_kd,
+    cross_entropy,
+    global_consistency,
+    kd_kl,
+    pmafl_objective,
+    vanilla_mixture_kd,
+)
+
+
+def softmax(values, tau=1.0):
+    exps = [math.exp(v / tau) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+S = [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
+T = [[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]]
+S2 = [[0.0, 1.0, 0.0], [1.0, -2.0, 0.5]]
+T2 = [[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]]
+
+
+def hand_kd(student, teacher, tau):
+    rows = [kl(softmax(t, tau), softmax(s, tau)) for s, t in zip(student, teacher)]
+    return tau**2 * sum(rows) / len(rows)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_kd_kl_matches_hand_computation(tau):
+    got = kd_kl(torch.tensor(S), torch.tensor(T), tau).item()
+    assert got == pytest.approx(hand_kd(S, T, tau), rel=1e-5)
+
+
+def test_kd_kl_is_zero_for_equal_logits():
+    logits = torch.tensor(S)
+    assert kd_kl(logits, logits, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_vanilla_mixture_kd_adds_plain_and_blend_terms():
+    got = vanilla_mixture_kd(torch.tensor(S), torch.tensor(S2), torch.tensor(T), torch.tensor(T2), 2.0)
+    assert got.item() == pytest.approx(hand_kd(S, T, 2.0) + hand_kd(S2, T2, 2.0), rel=1e-5)
+
+
+def test_adversarial_mixture_kd_pairs_adversarial_student_with_clean_teacher():
+    s_adv, s_adv_mix = [[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 0.0], [1.0, 1.0, -1.0]]
+    got = adversarial_mixture_kd(torch.tensor(s_adv), torch.tensor(s_adv_mix), torch.tensor(T),
+                                 torch.tensor(T2), 1.0)
+    assert got.item() == pytest.approx(hand_kd(s_adv, T, 1.0) + hand_kd(s_adv_mix, T2, 1.0), rel=1e-5)
+
+
+def test_global_consistency_is_mean_per_sample_squared_distance():
+    # sample 1: (1-2)^2 + (0-1)^2 + (-1-0)^2 = 3; sample 2: 0.25 + 0.25 + 1 = 1.5 -> mean 2.25
+    assert global_consistency(torch.tensor(S), torch.tensor(T)).item() == pytest.approx(2.25)
+
+
+def test_pmafl_objective_weights_the_terms():
+    got = pmafl_objective(torch.tensor(2.0), torch.tensor(4.0), torch.tensor(10.0), alpha=0.25, lambda_alg=0.5)
+    assert got.item() == pytest.approx(0.25 * 2 + 0.75 * 4 + 0.5 * 10)
+
+
+def test_cross_entropy_matches_hand_computation():
+    expected = -(math.log(softmax(S[0])[0]) + math.log(softmax(S[1])[2])) / 2
+    assert cross_entropy(torch.tensor(S), torch.tensor([0, 2])).item() == pytest.approx(expected, rel=1e-6)

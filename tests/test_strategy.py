@@ -1,0 +1,105 @@
+"""PMAFL strategy: broadcast config, weighted mean against a manual one, and bad replies left out."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from pmafl.config import TrainConfig
+from strategies import PMAFL
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+
+
+def _arrays(values):
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+
+
+def configured(strategy, nodes=(11, 12, 13)):
+    """The round-1 train messages, by destination node."""
+    messages = strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid(nodes))
+    return {m.metadata.dst_node_id: m for m in messages}
+
+
+def reply(instruction, arrays, num_examples, **metrics):
+    content = RecordDict({"arrays": _arrays(arrays),
+                          "metrics": MetricRecord({"num-examples": num_examples, **metrics})})
+    return Message(content, reply_to=instruction)
+
+
+def test_configure_train_broadcasts_the_train_config_and_round():
+    strategy = PMAFL(TrainConfig(alpha=0.25, objective="pmafl"), min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    assert sorted(sent) == [11, 12, 13]
+    config = sent[11].content["config"]
+    assert config["alpha"] == 0.25 and config["objective"] == "pmafl" and config["server-round"] == 1
+    assert TrainConfig.from_mapping(dict(config)) == TrainConfig(alpha=0.25)
+
+
+def test_aggregate_is_the_example_weighted_mean():
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    w = {11: np.full((2, 3), 1.0), 12: np.full((2, 3), 4.0), 13: np.arange(6.0).reshape(2, 3)}
+    n = {11: 10, 12: 30, 13: 60}
+    replies = [reply(sent[i], {"w": w[i].astype(np.float32), "b": np.full(3, float(i), np.float32)},
+                     n[i], loss=float(i)) for i in sent]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    manual_w = (10 * w[11] + 30 * w[12] + 60 * w[13]) / 100
+    assert np.allclose(arrays["w"].numpy(), manual_w)
+    assert np.allclose(arrays["b"].numpy(), (10 * 11 + 30 * 12 + 60 * 13) / 100)
+    assert metrics["loss"] == pytest.approx((10 * 11 + 30 * 12 + 60 * 13) / 100)
+    assert strategy.failures == {}
+
+
+def bad_replies(sent):
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.ones(3, np.float32)}
+    wrong_shape = {"w": np.ones((3, 2), np.float32), "b": np.ones(3, np.float32)}
+    missing = {"w": np.ones((2, 3), np.float32)}
+    return {
+        "nan": (nan, 10, "NaN or Inf"),
+        "shape": (wrong_shape, 10, "has shape (3, 2), expected (2, 3)"),
+        "missing": (missing, 10, "missing ['b']"),
+        "zero-examples": (good, 0, "'num-examples' must be a positive number"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "missing", "zero-examples", "error", "no-metrics", "silent"])
+def test_bad_reply_is_left_out_logged_and_the_round_goes_on(kind, caplog):
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    good = {"w": np.full((2, 3), 2.0, np.float32), "b": np.full(3, 3.0, np.float32)}
+    replies = [reply(sent[11], good, 10, loss=1.0), reply(sent[12], good, 30, loss=1.0)]
+    if kind in bad_replies(sent):
+        arrays, num, reason = bad_replies(sent)[kind]
+        replies.append(reply(sent[13], arrays, num, loss=1.0))
+    elif kind == "error":
+        reason = "error reply (code 2): teacher file /x is missing"
+        replies.append(Message(Error(code=2, reason="teacher file /x is missing"), reply_to=sent[13]))
+    elif kind == "no-metrics":
+        reason = "expected exactly one MetricRecord, got 0"
+        replies.append(Message(RecordDict({"arrays": _arrays(good)}), reply_to=sent[13]))
+    else:
+        reason = "no reply"
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), 2.0) and np.allclose(arrays["b"].numpy(), 3.0)
+    assert metrics["loss"] == pytest.approx(1.0)
+    [failure] = strategy.failures[1]
+    assert failure["node"] == 13 and reason in failure["reason"]
+    assert "node 13 left out" in caplog.text or any("node 13" in r.getMessage() for r in caplog.records)
+
+
+def test_round_with_no_valid_reply_keeps_the_global_model():
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    replies = [Message(Error(code=2, reason="boom"), reply_to=m) for m in sent.values()]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert sorted(f["node"] for f in strategy.failures[1]) == [11, 12, 13]

@@ -1,0 +1,102 @@
+"""Local training: the objectives as compositions, and the plug-in function's contract."""
+
+import pytest
+import torch
+
+from pmafl.config import TrainConfig
+from pmafl.data import make_loader
+from pmafl.losses import adversarial_mixture_kd, global_consistency, vanilla_mixture_kd
+from pmafl.models import create_model
+from pmafl.train import StepContext, pmafl_step, pmafl_train
+from pmafl.attacks import PGD
+
+
+def tiny_problem(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    images[:, :, :, :2] += 0.7 * (labels.view(-1, 1, 1, 1) / 3)  # class shows in a stripe
+    return images.clamp(0, 1), labels
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("cnn-small", 4, 1, [0.3], [0.3])
+
+
+def test_pmafl_step_is_the_weighted_sum_of_its_terms():
+    x, y = tiny_problem(8)
+    student, teacher = model(0), model(1).eval()
+    global_model = model(2).eval()
+    cfg = TrainConfig(alpha=0.3, lambda_alg=0.2, tau=2.0, mixup_alpha=1.0, pgd_steps=2)
+    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), teacher, global_model)
+    torch.manual_seed(7)
+    terms = pmafl_step(student, x, y, None, ctx)
+    expected = 0.3 * terms["loss-vkd"] + 0.7 * terms["loss-akd"] + 0.2 * terms["loss-alg"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    # Recompute every term from the same random draws (lam, permutation, PGD start).
+    torch.manual_seed(7)
+    lam = torch.distributions.Beta(1.0, 1.0).sample().item()
+    perm = torch.randperm(8)
+    x_mix = lam * x + (1 - lam) * x[perm]
+    x_adv = ctx.attack(x, y)
+    x_adv_mix = lam * x_adv + (1 - lam) * x_adv[perm]
+    with torch.no_grad():
+        t, t_mix, g = teacher(x), teacher(x_mix), global_model(x)
+        s, s_mix, s_adv, s_adv_mix = student(x), student(x_mix), student(x_adv), student(x_adv_mix)
+    assert terms["loss-vkd"].item() == pytest.approx(vanilla_mixture_kd(s, s_mix, t, t_mix, 2.0).item(), rel=1e-5)
+    assert terms["loss-akd"].item() == pytest.approx(adversarial_mixture_kd(s_adv, s_adv_mix, t, t_mix, 2.0).item(), rel=1e-5)
+    assert terms["loss-alg"].item() == pytest.approx(global_consistency(s_adv, g).item(), rel=1e-5)
+
+
+def test_without_mixup_the_blend_terms_repeat_the_plain_ones():
+    x, y = tiny_problem(8)
+    student, teacher = model(0), model(1).eval()
+    cfg = TrainConfig(mixup_alpha=0.0, pgd_steps=2)
+    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), teacher, model(2).eval())
+    terms = pmafl_step(student, x, y, None, ctx)
+    with torch.no_grad():
+        half = vanilla_mixture_kd(student(x), student(x), teacher(x), teacher(x), 1.0).item()
+    assert terms["loss-vkd"].item() == pytest.approx(half, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["ce", "pgd-at", "pmafl"])
+def test_training_lowers_the_loss_and_reports_num_examples(objective):
+    x, y = tiny_problem()
+    student, teacher = model(0), model(1).eval()
+    with torch.no_grad():
+        teacher_logits = 3 * torch.nn.functional.one_hot(y, 4).float()  # a confident, correct teacher
+    loader = make_loader(x, y, teacher_logits, batch_size=16, shuffle=True)
+    cfg = TrainConfig(objective=objective, lr=0.02, eps=0.05, pgd_step=0.02, pgd_steps=3,
+                      lambda_alg=0.0, local_epochs=1)
+    first = pmafl_train(student, teacher, loader, cfg)
+    for _ in range(8):
+        last = pmafl_train(student, teacher, loader, cfg)
+    assert last["num-examples"] == 48
+    assert last["loss"] < 0.7 * first["loss"]
+    if objective == "pmafl":
+        assert {"loss-vkd", "loss-akd", "loss-alg"} <= set(last)
+
+
+def test_pmafl_needs_a_teacher():
+    x, y = tiny_problem(8)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        pmafl_train(model(), None, make_loader(x, y, batch_size=4, shuffle=False), TrainConfig())
+
+
+def test_consistency_term_pulls_towards_the_received_model():
+    x, y = tiny_problem()
+    student = model(0)
+    received = {k: v.clone() for k, v in student.state_dict().items()}
+    loader = make_loader(x, y, batch_size=16, shuffle=False)
+    cfg = TrainConfig(alpha=1.0, eps=0.0, local_epochs=3, mixup_alpha=0.0, lr=0.002, momentum=0.0)
+    teacher = model(1).eval()  # disagrees with the student: KD alone moves it far
+
+    def drift(lambda_alg):
+        student.load_state_dict(received)
+        torch.manual_seed(0)
+        pmafl_train(student, teacher, loader, TrainConfig(**{**cfg.__dict__, "lambda_alg": lambda_alg}))
+        return sum((student.state_dict()[k] - received[k]).pow(2).sum() for k in received).item()
+
+    assert drift(1.0) < 0.5 * drift(0.0)
