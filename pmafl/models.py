@@ -77,7 +77,7 @@ def _kaiming(net: nn.Module) -> nn.Module:
 
 @register_model("cnn-small")
 def cnn_small(num_classes: int, in_channels: int) -> nn.Module:
-    """The small student: four 3x3 convolutions (32-32-64-64), about 70k parameters."""
+    """The small student: four 3x3 convolutions (32-32-64-64), 68k parameters."""
     return _kaiming(nn.Sequential(
         *_conv_block(in_channels, 32), *_conv_block(32, 32), nn.MaxPool2d(2),
         *_conv_block(32, 64), *_conv_block(64, 64), nn.AdaptiveAvgPool2d(2),
@@ -87,7 +87,7 @@ def cnn_small(num_classes: int, in_channels: int) -> nn.Module:
 
 @register_model("cnn-large")
 def cnn_large(num_classes: int, in_channels: int) -> nn.Module:
-    """A wider teacher CNN (64-64-128-128, 256-unit head), about 16x the student's size."""
+    """A wider teacher CNN (64-64-128-128, 256-unit head): 393k parameters, 5.8x the student."""
     return _kaiming(nn.Sequential(
         *_conv_block(in_channels, 64), *_conv_block(64, 64), nn.MaxPool2d(2),
         *_conv_block(64, 128), *_conv_block(128, 128), nn.AdaptiveAvgPool2d(2),

@@ -31,15 +31,22 @@ class CentralEvaluator:
         self.model, self.cfg = model, cfg
         self.images, self.labels = test.tensors()
         self.start = time.time()
+        self.first_round_end = 0.0
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         train = self.cfg.train
         scores = evaluate(self.model, self.images, self.labels, train.eps, train.pgd_step,
                           self.cfg.eval_steps, self.cfg.batch_size * 8)
-        elapsed = time.time() - self.start
-        rounds = self.cfg.num_server_rounds
-        left = elapsed / server_round * (rounds - server_round) if server_round else float("nan")
+        now = time.time()
+        elapsed, rounds = now - self.start, self.cfg.num_server_rounds
+        # Round 1 also pays for one-off work (teacher pre-training, Ray start-up): estimate the
+        # time left from the rounds after it.
+        if server_round == 1:
+            self.first_round_end = now
+        per_round = ((now - self.first_round_end) / (server_round - 1) if server_round > 1
+                     else elapsed / max(server_round, 1))
+        left = per_round * (rounds - server_round)
         log(INFO, "[round %d/%d] global model on test: clean acc %.3f, PGD-%d acc %.3f "
             "(eps %g) | %.0fs elapsed, about %.0fs left", server_round, rounds, scores["clean_acc"],
             self.cfg.eval_steps, scores["pgd_acc"], train.eps, elapsed, left)
@@ -76,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                             evaluate_fn=CentralEvaluator(model, data.test, cfg))
 
-    if result.arrays is not None:  # None when no round produced a valid aggregate
+    if len(result.arrays) > 0:  # empty when no round produced a valid aggregate
         model.load_state_dict(result.arrays.to_torch_state_dict())
     rounds = collect_rounds(result, strategy, cfg.num_server_rounds)
     folder = new_results_folder(Path(cfg.results_dir), cfg.train.objective, cfg.seed)

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from pmafl.config import TrainConfig
-from strategies.strategy_utils import reply_problem
+from strategies.strategy_utils import error_summary, reply_problem
 
 
 class PMAFL(FedAvg):
@@ -102,7 +102,7 @@ class PMAFL(FedAvg):
                 if node in sampled:
                     answered.add(node)
                     self._fail(server_round, stage, node,
-                               f"error reply (code {msg.error.code}): {msg.error.reason}")
+                               f"error reply (code {msg.error.code}): {error_summary(msg.error.reason)}")
                 continue
             answered.add(node)
             problem = reply_problem(msg.content, expected_shapes, self.weighted_by_key, metric_keys)

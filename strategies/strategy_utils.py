@@ -8,6 +8,17 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 
+def error_summary(reason: str | None, limit: int = 500) -> str:
+    """The gist of an error reply's reason. Under Ray the reason is a whole traceback ending in
+    "... occurred. Message: <the ClientApp's exception message>"; keep that message."""
+    reason = (reason or "").strip()
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    lines = [line for line in reason.splitlines() if line.strip()]
+    gist = lines[-1].strip() if lines else "(no reason given)"
+    return gist if len(gist) <= limit else gist[: limit - 3] + "..."
+
+
 def reply_problem(content: RecordDict, expected_shapes: dict[str, tuple[int, ...]] | None,
                   weighted_by_key: str, metric_keys: set[str] | None = None) -> str | None:
     """Why a reply cannot be averaged, or None when it can.

@@ -6,6 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from pmafl.config import TrainConfig
 from strategies import PMAFL
+from strategies.strategy_utils import error_summary
 
 
 class FakeGrid:
@@ -95,6 +96,17 @@ def test_bad_reply_is_left_out_logged_and_the_round_goes_on(kind, caplog):
     [failure] = strategy.failures[1]
     assert failure["node"] == 13 and reason in failure["reason"]
     assert "node 13 left out" in caplog.text or any("node 13" in r.getMessage() for r in caplog.records)
+
+
+def test_error_reason_keeps_the_clientapp_message():
+    ray_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()'>\n"
+                  "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                  "pmafl.teacher.TeacherError: teacher file /t.pt is missing\n\n"
+                  "Exception ClientAppException occurred. Message: teacher file /t.pt is missing\n")
+    assert error_summary(ray_reason) == "teacher file /t.pt is missing"
+    assert error_summary("plain reason") == "plain reason"
+    assert error_summary(None) == "(no reason given)"
+    assert error_summary("x" * 900).endswith("...") and len(error_summary("x" * 900)) == 500
 
 
 def test_round_with_no_valid_reply_keeps_the_global_model():

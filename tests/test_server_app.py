@@ -1,0 +1,43 @@
+"""The ServerApp's main with real ClientApp handlers behind an in-process grid."""
+
+import json
+
+import torch
+from inprocess import InProcessGrid
+
+from client_app.app import train
+from pmafl.config import RunConfig
+from pmafl.task import build_model, load_data
+from server_app.app import main
+
+
+def run_federation(tmp_path, **overrides):
+    run_config = {"num-server-rounds": 2, "local-epochs": 1, "pgd-steps": 2, "eval-steps": 3,
+                  "teacher-epochs": 1, "teacher-objective": "ce", "results-dir": str(tmp_path / "results"),
+                  "teacher-cache-dir": str(tmp_path / "teachers"), **overrides}
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
+    grid = InProcessGrid({"train": train}, nodes, run_config)
+    main(grid, grid.contexts[100])
+    [folder] = (tmp_path / "results").iterdir()
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+def test_federation_writes_per_round_results(tmp_path):
+    folder, results = run_federation(tmp_path)
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert all(r["failures"] == [] for r in results["rounds"])
+    assert all(0 <= r["clean_acc"] <= 1 and 0 <= r["pgd_acc"] <= 1 for r in results["rounds"])
+    assert results["config"] == RunConfig.from_mapping(results["config"]).to_dict()
+    assert (folder / "accuracy.png").exists()
+
+
+def test_every_node_failing_leaves_the_initial_model_and_a_record(tmp_path):
+    folder, results = run_federation(tmp_path, **{"teacher-sha256": "0" * 64, "num-server-rounds": 1})
+    [failure_round] = [r for r in results["rounds"] if r["failures"]]
+    assert sorted(f["node"] for f in failure_round["failures"]) == [100, 101, 102]
+    assert all("the run expects " + "0" * 64 in f["reason"] for f in failure_round["failures"])
+    cfg = RunConfig.from_mapping(results["config"])
+    torch.manual_seed(cfg.seed)
+    initial = build_model(cfg, load_data(cfg)).state_dict()
+    saved = torch.load(folder / "model.pt")
+    assert all(torch.equal(initial[k], saved[k]) for k in initial)
