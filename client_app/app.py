@@ -6,9 +6,9 @@ Node config: `partition-id` and `num-partitions` (filled in by the simulation; s
 
 from __future__ import annotations
 
-import torch
 import logging
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER

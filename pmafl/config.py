@@ -109,6 +109,9 @@ class TrainConfig:
     tau: float = option(1.0, "Distillation temperature.", low=0, low_open=True)
     mixup_alpha: float = option(1.0, "Mixup coefficient a: lam ~ Beta(a, a); 0 turns mixup off "
                                 "(the blend terms then repeat the plain terms).", low=0)
+    grad_clip: float = option(5.0, "Clip each local step's gradient to this global L2 norm (0: "
+                              "off); keeps distillation with a large tau or lambda from diverging.",
+                              low=0)
     ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
                               low=0)
     attack_loss: str = option("ce", "Loss PGD maximises during training: `ce` (labels) or `kl` "

@@ -27,7 +27,8 @@ def write_results(folder: Path, config: dict[str, Any], rounds: list[dict[str, A
     """results.json ({"config": ..., "rounds": [...]}), model.pt (state dict) and accuracy.png."""
     (folder / "results.json").write_text(json.dumps({"config": config, "rounds": rounds}, indent=2))
     torch.save(model.state_dict(), folder / "model.pt")
-    plot_accuracy(rounds, folder / "accuracy.png", title=f"{config.get('objective')} on {config.get('dataset')}")
+    title = f"{config.get('objective')} on {config.get('dataset')}"
+    plot_accuracy(rounds, folder / "accuracy.png", title=title)
 
 
 def plot_accuracy(rounds: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -48,7 +48,7 @@ def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
 
 
 def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
-                device: torch.device = torch.device("cpu")) -> tuple[nn.Module, str]:
+                device: torch.device | None = None) -> tuple[nn.Module, str]:
     """The verified cached teacher (pre-trained first when absent), loaded once per process."""
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, cfg.dataset, cfg.teacher_model)
-    return _cached_teacher(path, data, cfg, device)
+    return _cached_teacher(path, data, cfg, device or torch.device("cpu"))

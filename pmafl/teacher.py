@@ -121,8 +121,10 @@ def pretrain_teacher(data: FederatedData, model_name: str, objective: str, epoch
     start = time.time()
     for epoch in range(1, epochs + 1):
         ramp = min(1.0, epoch / max(1.0, epochs / 3))
+        # No gradient clipping: plain (adversarial) cross-entropy training does not diverge here.
         config = TrainConfig(objective=objective, local_epochs=1, lr=0.05, momentum=0.9,
-                             weight_decay=5e-4, eps=eps * ramp, pgd_step=pgd_step * ramp, pgd_steps=10)
+                             weight_decay=5e-4, grad_clip=0.0, eps=eps * ramp,
+                             pgd_step=pgd_step * ramp, pgd_steps=10)
         metrics = pmafl_train(model, None, loader, config)
         if epoch % 10 == 0 or epoch == epochs:
             log.info("teacher pre-training (%s, %s): epoch %d/%d, loss %.3f, %.0fs", model_name,

@@ -121,6 +121,8 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
             terms = step(model, x, y, teacher_logits, ctx)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             for name, value in terms.items():
                 sums[name] += value.item() * len(x)

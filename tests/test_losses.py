@@ -64,7 +64,8 @@ def test_global_consistency_is_mean_per_sample_squared_distance():
 
 
 def test_pmafl_objective_weights_the_terms():
-    got = pmafl_objective(torch.tensor(2.0), torch.tensor(4.0), torch.tensor(10.0), alpha=0.25, lambda_alg=0.5)
+    l_vkd, l_akd, l_alg = torch.tensor(2.0), torch.tensor(4.0), torch.tensor(10.0)
+    got = pmafl_objective(l_vkd, l_akd, l_alg, alpha=0.25, lambda_alg=0.5)
     assert got.item() == pytest.approx(0.25 * 2 + 0.75 * 4 + 0.5 * 10)
 
 

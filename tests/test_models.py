@@ -22,7 +22,9 @@ def test_normalisation_is_inside_the_model_and_out_of_the_state_dict():
 
 
 def test_student_is_smaller_than_teacher():
-    size = lambda name: sum(p.numel() for p in create_model(name, 10, 1, [0.5], [0.5]).parameters())
+    def size(name):
+        return sum(p.numel() for p in create_model(name, 10, 1, [0.5], [0.5]).parameters())
+
     assert size("cnn-small") * 5 < size("cnn-large")
 
 

@@ -3,14 +3,13 @@ PMAFL strategy and `pmafl_train`, driven through an in-process grid."""
 
 import re
 import sys
+from pathlib import Path
 
 import torch
 from inprocess import InProcessGrid
 
 from pmafl.models import create_model
 from pmafl.teacher import save_teacher
-
-from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

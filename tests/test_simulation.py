@@ -66,7 +66,8 @@ def superlink(tmp_path):
 def test_flwr_run_simulation_writes_results(superlink, tmp_path):
     results_dir = tmp_path / "results"
     app = tmp_path / "app"  # a copy without .venv, results/ or caches: what `flwr run` would package
-    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr"))
+    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr")
+    shutil.copytree(ROOT, app, ignore=skip)
     overrides = (f"num-server-rounds=2 local-epochs=1 teacher-epochs=2 teacher-objective='ce' "
                  f"pgd-steps=3 eval-steps=5 teacher-cache-dir='{tmp_path / 'teachers'}' "
                  f"results-dir='{results_dir}'")

@@ -2,7 +2,15 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from pmafl.config import TrainConfig
 from strategies import PMAFL
@@ -73,7 +81,8 @@ def bad_replies(sent):
     }
 
 
-@pytest.mark.parametrize("kind", ["nan", "shape", "missing", "zero-examples", "error", "no-metrics", "silent"])
+@pytest.mark.parametrize("kind", ["nan", "shape", "missing", "zero-examples", "error", "no-metrics",
+                                  "silent"])
 def test_bad_reply_is_left_out_logged_and_the_round_goes_on(kind, caplog):
     strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
     sent = configured(strategy)

@@ -7,7 +7,14 @@ import torch
 
 from pmafl.data import load_dataset
 from pmafl.models import create_model
-from pmafl.teacher import TeacherError, ensure_teacher, file_sha256, load_teacher, save_teacher, teacher_path
+from pmafl.teacher import (
+    TeacherError,
+    ensure_teacher,
+    file_sha256,
+    load_teacher,
+    save_teacher,
+    teacher_path,
+)
 
 META = {"model": "cnn-small", "num_classes": 10, "in_channels": 1, "mean": [0.3], "std": [0.4]}
 

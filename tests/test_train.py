@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from pmafl.attacks import PGD
 from pmafl.config import TrainConfig
 from pmafl.data import make_loader
 from pmafl.losses import adversarial_mixture_kd, global_consistency, vanilla_mixture_kd
 from pmafl.models import create_model
 from pmafl.train import StepContext, pmafl_step, pmafl_train
-from pmafl.attacks import PGD
 
 
 def tiny_problem(n=48, seed=0):
@@ -45,8 +45,10 @@ def test_pmafl_step_is_the_weighted_sum_of_its_terms():
     with torch.no_grad():
         t, t_mix, g = teacher(x), teacher(x_mix), global_model(x)
         s, s_mix, s_adv, s_adv_mix = student(x), student(x_mix), student(x_adv), student(x_adv_mix)
-    assert terms["loss-vkd"].item() == pytest.approx(vanilla_mixture_kd(s, s_mix, t, t_mix, 2.0).item(), rel=1e-5)
-    assert terms["loss-akd"].item() == pytest.approx(adversarial_mixture_kd(s_adv, s_adv_mix, t, t_mix, 2.0).item(), rel=1e-5)
+    vkd = vanilla_mixture_kd(s, s_mix, t, t_mix, 2.0)
+    akd = adversarial_mixture_kd(s_adv, s_adv_mix, t, t_mix, 2.0)
+    assert terms["loss-vkd"].item() == pytest.approx(vkd.item(), rel=1e-5)
+    assert terms["loss-akd"].item() == pytest.approx(akd.item(), rel=1e-5)
     assert terms["loss-alg"].item() == pytest.approx(global_consistency(s_adv, g).item(), rel=1e-5)
 
 
@@ -100,3 +102,14 @@ def test_consistency_term_pulls_towards_the_received_model():
         return sum((student.state_dict()[k] - received[k]).pow(2).sum() for k in received).item()
 
     assert drift(1.0) < 0.5 * drift(0.0)
+
+
+def test_gradient_clipping_bounds_each_step():
+    x, y = tiny_problem(16)
+    student = model(0)
+    before = [p.detach().clone() for p in student.parameters()]
+    cfg = TrainConfig(objective="ce", lr=0.1, momentum=0.0, weight_decay=0.0, grad_clip=0.01,
+                      local_epochs=1)
+    pmafl_train(student, None, make_loader(x, y, batch_size=16, shuffle=False), cfg)
+    step = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(student.parameters(), before)))
+    assert 0 < step.item() <= 0.1 * 0.01 * (1 + 1e-4)
