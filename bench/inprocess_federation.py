@@ -1,0 +1,76 @@
+"""The default federation in one process, without Ray or Flower: FedAvg over `pmafl_train`.
+
+Same data, partitions, models, cached teacher and objective as `flwr run`, minus the transport, so
+hyperparameters can be compared quickly (about 3 s a round on 2 cores). Prints clean and PGD-20
+test accuracy every `--every` rounds.
+
+    python bench/inprocess_federation.py --rounds 30 --set lambda-alg=0.1 --set grad-clip=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import time
+
+import torch
+
+from pmafl.config import RunConfig
+from pmafl.data import make_loader
+from pmafl.evaluate import evaluate
+from pmafl.task import build_model, client_split, get_teacher, load_data
+from pmafl.train import pmafl_train
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--every", type=int, default=5, help="evaluate every N rounds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override, e.g. objective=ce (repeatable)")
+    args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    cfg = RunConfig.from_mapping({k: parse_value(v) for k, v in overrides.items()})
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    global_model = build_model(cfg, data)
+    teacher = get_teacher(cfg, data)[0] if cfg.train.objective == "pmafl" else None
+    clients = [client_split(cfg, data, pid, args.clients).tensors() for pid in range(args.clients)]
+    test_images, test_labels = data.test.tensors()
+    print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")
+    start = time.time()
+    for server_round in range(1, args.rounds + 1):
+        states, weights = [], []
+        for pid, (images, labels) in enumerate(clients):
+            torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + pid)
+            model = copy.deepcopy(global_model)
+            tensors = [images, labels]
+            if teacher is not None:
+                with torch.no_grad():
+                    tensors.append(teacher(images))
+            loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=pid)
+            metrics = pmafl_train(model, teacher, loader, cfg.train)
+            states.append(model.state_dict())
+            weights.append(metrics["num-examples"])
+        total = sum(weights)
+        global_model.load_state_dict({key: sum(w * s[key] for w, s in zip(weights, states)) / total
+                                      for key in states[0]})
+        if server_round % args.every == 0 or server_round == args.rounds:
+            scores = evaluate(global_model, test_images, test_labels, cfg.train.eps,
+                              cfg.train.pgd_step, cfg.eval_steps)
+            print(f"round {server_round:>3}: clean acc {scores['clean_acc']:.3f}, "
+                  f"PGD-{cfg.eval_steps} acc {scores['pgd_acc']:.3f}  ({time.time() - start:.0f}s)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
