@@ -59,8 +59,6 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg.device)
     data = load_data(cfg)
     images, labels = client_split(cfg, data, partition_id, num_partitions).tensors()
-    # Seeded by run, round and partition: two runs with one seed train identically.
-    torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
 
     model = build_model(cfg, data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -71,8 +69,12 @@ def train(msg: Message, context: Context) -> Message:
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
         teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
         tensors.append(_teacher_logits(context, teacher, sha256, images))
-    loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True,
-                         seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    # Seeded by run, round and partition, after the model and teacher are built (loading the
+    # teacher draws random numbers only the first time in a process): two runs with one seed train
+    # identically whichever process serves which node.
+    seed = cfg.seed * 1_000_003 + server_round * 1009 + partition_id
+    torch.manual_seed(seed)
+    loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
     metrics = pmafl_train(model, teacher, loader, train_config)
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
                           "metrics": MetricRecord(metrics)})

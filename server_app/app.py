@@ -44,11 +44,12 @@ class CentralEvaluator:
         # time left from the rounds after it.
         if server_round == 1:
             self.first_round_end = now
-        per_round = ((now - self.first_round_end) / (server_round - 1) if server_round > 1
-                     else elapsed / max(server_round, 1))
-        left = per_round * (rounds - server_round)
+        left = ""
+        if server_round > 1:
+            per_round = (now - self.first_round_end) / (server_round - 1)
+            left = f", about {per_round * (rounds - server_round):.0f}s left"
         log(INFO, "[round %d/%d] global model on test: clean acc %.3f, PGD-%d acc %.3f "
-            "(eps %g) | %.0fs elapsed, about %.0fs left", server_round, rounds, scores["clean_acc"],
+            "(eps %g) | %.0fs elapsed%s", server_round, rounds, scores["clean_acc"],
             self.cfg.eval_steps, scores["pgd_acc"], train.eps, elapsed, left)
         return MetricRecord(scores)
 

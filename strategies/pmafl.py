@@ -10,11 +10,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from pmafl.config import TrainConfig
-from strategies.strategy_utils import error_summary, reply_problem
+from strategies.strategy_utils import error_summary, reply_problem, weighted_mean
 
 
 class PMAFL(FedAvg):
@@ -22,7 +21,8 @@ class PMAFL(FedAvg):
 
     Each round it sends the global model and the local-training hyperparameters (`train_config`,
     merged under any `train_config` given to `start`) to the sampled nodes, screens the replies and
-    averages the valid ones weighted by `num-examples` (FedAvg). A reply is left out, and logged
+    averages the valid ones weighted by `num-examples` (FedAvg, accumulated in float64 so that
+    the result does not depend on the order replies arrive in). A reply is left out, and logged
     with its node id and the reason, when it is an error reply, lacks the arrays or the
     `num-examples` metric, or carries arrays of the wrong keys or shapes, or NaN/Inf values; a
     sampled node that does not answer is logged as missing. `failures` keeps every left-out reply
@@ -71,7 +71,9 @@ class PMAFL(FedAvg):
                 server_round)
             return None, None
         contents = [msg.content for msg in valid]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        arrays = weighted_mean([next(iter(c.array_records.values())) for c in contents],
+                               [next(iter(c.metric_records.values()))[self.weighted_by_key]
+                                for c in contents])
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -5,7 +5,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
+
+
+def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+    """sum_k w_k * arrays_k / sum_k w_k, key by key, accumulated in float64 and cast back to each
+    array's dtype (integers rounded). Unlike a float32 running sum, the result does not depend on
+    the order in which replies arrived."""
+    total = float(sum(weights))
+    mean = {}
+    for key, first in records[0].items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for record, weight in zip(records, weights, strict=True):
+            acc += record[key].numpy().astype(np.float64) * (weight / total)
+        dtype = first.numpy().dtype
+        mean[key] = Array(np.asarray(acc.round() if dtype.kind in "iub" else acc, dtype=dtype))
+    return ArrayRecord(mean)
 
 
 def error_summary(reason: str | None, limit: int = 500) -> str:

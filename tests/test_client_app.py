@@ -73,3 +73,17 @@ def test_missing_partition_id_is_explained(tmp_path):
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=RUN)
     with pytest.raises(ValueError, match="node config lacks 'partition-id'"):
         train(msg, ctx)
+
+
+def test_reply_does_not_depend_on_what_the_process_loaded_before(tmp_path):
+    """Ray reuses processes across nodes: whether the teacher is already loaded in this process
+    must not change a node's training."""
+    from pmafl.task import _cached_teacher
+
+    cfg = RunConfig.from_mapping(RUN)
+    msg, _ = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=2))
+    train(msg, context(tmp_path))  # the teacher is now on disk
+    _cached_teacher.cache_clear()
+    fresh = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # loads it
+    warm = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # already loaded
+    assert all(torch.equal(fresh[k], warm[k]) for k in fresh)

@@ -68,6 +68,31 @@ def test_aggregate_is_the_example_weighted_mean():
     assert strategy.failures == {}
 
 
+def test_aggregate_does_not_depend_on_reply_order():
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    rng = np.random.default_rng(0)
+    replies = [reply(sent[i], {"w": rng.standard_normal((2, 3)).astype(np.float32) * 1e3,
+                               "b": rng.standard_normal(3).astype(np.float32) / 7}, n, loss=1.0)
+               for i, n in zip(sent, (17, 23, 61))]
+    forward, _ = strategy.aggregate_train(1, replies)
+    backward, _ = strategy.aggregate_train(1, replies[::-1])
+    for key in ("w", "b"):
+        assert forward[key].numpy().dtype == np.float32
+        assert np.array_equal(forward[key].numpy(), backward[key].numpy())
+
+
+def test_integer_arrays_stay_integers():
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2)
+    sent = configured(strategy, nodes=(11, 12))
+    global_shapes = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    strategy._sent_shapes["steps"] = ()
+    replies = [reply(sent[11], {**global_shapes, "steps": np.array(10, np.int64)}, 1),
+               reply(sent[12], {**global_shapes, "steps": np.array(20, np.int64)}, 3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["steps"].numpy().dtype == np.int64 and arrays["steps"].numpy() == 18  # 17.5 -> 18
+
+
 def bad_replies(sent):
     good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
     nan = {"w": np.full((2, 3), np.nan, np.float32), "b": np.ones(3, np.float32)}
