@@ -116,8 +116,9 @@ class PMAFL(FedAvg):
             valid.append(msg)
         for node in sorted(set(sampled) - answered):
             self._fail(server_round, stage, node, "no reply (node unreachable or round timed out)")
-        log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round, stage,
-            len(valid), len(sampled))
+        if sampled:
+            log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round,
+                stage, len(valid), len(sampled))
         return valid
 
     def _fail(self, server_round: int, stage: str, node: int, reason: str) -> None:
