@@ -1,9 +1,11 @@
 """PGD: stays in the eps-ball and [0, 1], raises the loss, leaves the model's mode alone."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from pmafl.attacks import PGD
+from pmafl.attacks import FGSM, PGD, AutoAttack
+from pmafl.attacks.pgd import cw_attack_loss
 from pmafl.models import create_model
 
 
@@ -56,3 +58,33 @@ def test_pgd_restores_training_mode_and_leaves_parameter_gradients_empty():
 def test_zero_eps_returns_the_input():
     model, images, labels = setup_model()
     assert torch.equal(PGD(model, eps=0.0, step=0.01, steps=3)(images, labels), images)
+
+
+def test_fgsm_is_one_signed_step_of_size_eps():
+    model, images, labels = setup_model()
+    images = images * 0.5 + 0.25  # away from the box, so no clamping
+    adv = FGSM(model, eps=0.05)(images, labels)
+    assert torch.allclose((adv - images).abs(), torch.full_like(images, 0.05), atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), labels) > F.cross_entropy(model(images), labels)
+
+
+def test_cw_loss_is_the_margin_of_the_best_wrong_class():
+    logits = torch.tensor([[2.0, 5.0, 1.0], [0.5, -1.0, 3.0]])
+    labels = torch.tensor([1, 0])
+    # sample 1: max(2, 1) - 5 = -3; sample 2: max(-1, 3) - 0.5 = 2.5
+    assert cw_attack_loss(logits, labels).item() == pytest.approx(-0.5)
+
+
+def test_autoattack_stays_in_the_ball_and_is_at_least_as_strong_as_fgsm():
+    model, images, labels = setup_model()
+    model.eval()
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # all correctly classified to start with
+    adv = AutoAttack(model, eps=0.1)(images[:6], labels[:6])
+    assert (adv - images[:6]).abs().max().item() <= 0.1 + 1e-5
+    with torch.no_grad():
+        aa_correct = (model(adv).argmax(1) == labels[:6]).sum().item()
+        fgsm_correct = (model(FGSM(model, 0.1)(images[:6], labels[:6])).argmax(1) == labels[:6]).sum().item()
+    assert aa_correct <= fgsm_correct

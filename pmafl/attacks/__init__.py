@@ -1,6 +1,8 @@
 """L_inf attacks on models that take images in [0, 1]: `attack(images, targets) -> adversarial images`."""
 
+from pmafl.attacks.autoattack import AutoAttack
 from pmafl.attacks.base import Attack
+from pmafl.attacks.fgsm import FGSM
 from pmafl.attacks.pgd import PGD
 
-__all__ = ["Attack", "PGD"]
+__all__ = ["Attack", "AutoAttack", "FGSM", "PGD"]

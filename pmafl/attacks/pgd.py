@@ -8,6 +8,8 @@ from torch import nn
 
 from pmafl.attacks.base import Attack
 
+__all__ = ["PGD", "ATTACK_LOSSES"]
+
 
 def ce_attack_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="sum")
@@ -18,13 +20,20 @@ def kl_attack_loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Te
     return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
 
 
-ATTACK_LOSSES = {"ce": ce_attack_loss, "kl": kl_attack_loss}
+def cw_attack_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin max_{j != y} z_j - z_y, summed: PGD on it is the CW_inf attack."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return (others.max(dim=1).values - true).sum()
+
+
+ATTACK_LOSSES = {"ce": ce_attack_loss, "kl": kl_attack_loss, "cw": cw_attack_loss}
 
 
 class PGD(Attack):
     """x_{k+1} = clip_{x, eps}(x_k + step * sign(grad_x loss(model(x_k), targets))), K steps,
-    from a uniform random start in the eps-ball. `loss` is "ce" (targets are labels) or "kl"
-    (targets are class probabilities)."""
+    from a uniform random start in the eps-ball. `loss` is "ce" or "cw" (targets are labels;
+    "cw" makes it CW_inf) or "kl" (targets are class probabilities)."""
 
     def __init__(self, model: nn.Module, eps: float, step: float, steps: int,
                  random_start: bool = True, loss: str = "ce") -> None:

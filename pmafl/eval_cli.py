@@ -1,0 +1,125 @@
+"""pmafl-evaluate: robustness of a saved global model (or teacher) on a dataset's test split.
+
+    pmafl-evaluate results/<run>/model.pt
+    pmafl-evaluate ~/.cache/pmafl/teachers/digits--cnn-large.pt --autoattack-n 359
+    pmafl-evaluate model.pt --model cnn-small --dataset digits --eps 0.2 --attacks fgsm,pgd20
+
+The architecture and dataset come from the run's results.json beside a model.pt, or from the
+teacher's .json record beside a cached teacher; flags override them. Writes JSON (default:
+`<model file>.robustness.json`) with clean and per-attack accuracy and a PGD-20 eps sweep, and
+warns when the sweep shows signs of gradient masking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pmafl.data import load_dataset
+from pmafl.evaluate import ATTACKS, accuracy, eps_sweep, gradient_masking_warnings, make_attack
+from pmafl.models import create_model
+
+
+def saved_settings(model_file: Path) -> dict[str, Any]:
+    """Architecture, dataset and eps recorded beside `model_file`, when there is a record."""
+    results = model_file.parent / "results.json"
+    if model_file.name == "model.pt" and results.is_file():
+        config = json.loads(results.read_text())["config"]
+        return {"model": config["model"], "dataset": config["dataset"], "eps": config["eps"],
+                "data_dir": config["data-dir"], "public_fraction": config["public-fraction"]}
+    record = model_file.with_suffix(".json")
+    if record.is_file():
+        meta = json.loads(record.read_text())
+        return {"model": meta["model"], "dataset": meta["dataset"], "eps": meta.get("eps")}
+    return {}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pmafl-evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("model_file", type=Path, help="a state dict: results/<run>/model.pt or a teacher .pt")
+    parser.add_argument("--model", help="architecture name (default: from the record beside the file)")
+    parser.add_argument("--dataset", help="dataset name (default: from the record beside the file)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder (default: as recorded, else ~/.cache/pmafl/data)")
+    parser.add_argument("--eps", type=float, help="L_inf radius (default: as recorded)")
+    parser.add_argument("--attacks", default=",".join(ATTACKS),
+                        help=f"comma-separated, from {', '.join(ATTACKS)} (default: all)")
+    parser.add_argument("--autoattack-n", type=int, default=100,
+                        help="test images AutoAttack runs on (the first N; default 100, it is slow)")
+    parser.add_argument("--sweep", default="0,0.25,0.5,1,1.5,2,3,5",
+                        help="eps sweep as multiples of --eps (default: 0,0.25,0.5,1,1.5,2,3,5)")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
+    parser.add_argument("--out", type=Path, help="JSON output (default: <model file>.robustness.json)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate as the command line says; return the report that was written."""
+    args = parse_args(argv)
+    if not args.model_file.is_file():
+        sys.exit(f"pmafl-evaluate: no model file {args.model_file}")
+    settings = saved_settings(args.model_file)
+    for key in ("model", "dataset", "eps"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+        if settings.get(key) is None:
+            sys.exit(f"pmafl-evaluate: no record beside {args.model_file} gives --{key}; pass it")
+    attacks = [a for a in args.attacks.split(",") if a]
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        sys.exit(f"pmafl-evaluate: unknown attack {unknown[0]!r}; known: {', '.join(ATTACKS)}")
+
+    torch.manual_seed(args.seed)
+    data = load_dataset(settings["dataset"], args.data_dir or settings.get("data_dir", ""), False,
+                        settings.get("public_fraction", 0.3))
+    images, labels = data.test.tensors()
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    model = create_model(settings["model"], data.num_classes, data.in_channels, data.mean, data.std)
+    model.load_state_dict(torch.load(args.model_file, map_location="cpu", weights_only=True))
+    model.eval()
+    eps = float(settings["eps"])
+
+    report: dict[str, Any] = {"model_file": str(args.model_file.resolve()), "model": settings["model"],
+                              "dataset": settings["dataset"], "eps": eps, "num_examples": len(labels)}
+    report["clean_acc"] = accuracy(model, images, labels)
+    for name in attacks:
+        x, y = (images[:args.autoattack_n], labels[:args.autoattack_n]) if name == "autoattack" \
+            else (images, labels)
+        with tqdm(total=len(y), desc=name, unit="img", file=sys.stderr) as bar:
+            report[f"{name}_acc"] = accuracy(model, x, y, make_attack(name, model, eps, args.seed),
+                                             progress=bar.update)
+        if name == "autoattack":
+            report["autoattack_n"] = len(y)
+    multiples = [float(m) for m in args.sweep.split(",") if m]
+    report["eps_sweep"] = eps_sweep(model, images, labels, [m * eps for m in multiples])
+    report["gradient_masking_warnings"] = gradient_masking_warnings(report["eps_sweep"], len(labels))
+
+    out = args.out or args.model_file.with_name(args.model_file.name + ".robustness.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{settings['model']} on {settings['dataset']} ({len(labels)} test images), eps {eps:g}:")
+    print(f"  clean {report['clean_acc']:.3f}  " + "  ".join(
+        f"{name} {report[f'{name}_acc']:.3f}" for name in attacks))
+    print("  PGD-20 eps sweep: " + ", ".join(f"{r['eps']:.3g}: {r['pgd20_acc']:.3f}"
+                                            for r in report["eps_sweep"]))
+    for warning in report["gradient_masking_warnings"]:
+        print(f"  WARNING, possible gradient masking: {warning}")
+    print(f"Written to {out}")
+    return report
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()

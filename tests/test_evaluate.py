@@ -1,0 +1,70 @@
+"""Accuracy under attack, the gradient-masking check, and the pmafl-evaluate command."""
+
+import json
+
+import pytest
+import torch
+
+from pmafl.eval_cli import run
+from pmafl.evaluate import accuracy, evaluate, gradient_masking_warnings
+from pmafl.models import create_model
+from pmafl.teacher import save_teacher
+
+
+class Fixed(torch.nn.Module):
+    """Predicts class 1 for images whose mean is above 0.5, else class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(50.0))
+
+    def forward(self, x):
+        score = (x.flatten(1).mean(1) - 0.5) * self.scale
+        return torch.stack([-score, score], dim=1)
+
+
+def test_accuracy_counts_correct_predictions():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.9, 0.45, 0.7)])
+    labels = torch.tensor([0, 1, 1, 1])  # the third is wrong
+    assert accuracy(Fixed(), images, labels, batch_size=3) == pytest.approx(0.75)
+
+
+def test_pgd_accuracy_matches_the_margin_it_can_cross():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.42, 0.58, 0.9)])
+    labels = torch.tensor([0, 0, 1, 1])
+    scores = evaluate(Fixed(), images, labels, eps=0.1, step=0.025)
+    # eps 0.1 flips the two images within 0.1 of the 0.5 boundary, not the other two
+    assert scores["clean_acc"] == 1.0 and scores["pgd_acc"] == pytest.approx(0.5)
+
+
+def test_gradient_masking_warnings():
+    falling = [{"eps": e, "pgd20_acc": a} for e, a in [(0, 0.9), (0.1, 0.5), (0.2, 0.01)]]
+    assert gradient_masking_warnings(falling, 100) == []
+    rising = [{"eps": e, "pgd20_acc": a} for e, a in [(0, 0.9), (0.1, 0.3), (0.2, 0.4), (0.4, 0.0)]]
+    [warning] = gradient_masking_warnings(rising, 100)
+    assert "rises from 0.300 at eps 0.1 to 0.400 at eps 0.2" in warning
+    stuck = [{"eps": e, "pgd20_acc": a} for e, a in [(0, 0.9), (1.0, 0.3)]]
+    assert "still 0.300 at the largest eps 1" in gradient_masking_warnings(stuck, 100)[0]
+
+
+def test_cli_evaluates_a_cached_teacher_and_writes_json(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "digits--cnn-small.pt"
+    save_teacher(create_model("cnn-small", 10, 1, [0.3], [0.4]), path,
+                 {"model": "cnn-small", "dataset": "digits", "num_classes": 10, "in_channels": 1,
+                  "mean": [0.3], "std": [0.4], "eps": 0.2})
+    report = run([str(path), "--limit", "24", "--autoattack-n", "4", "--sweep", "0,1,5"])
+    written = json.loads((tmp_path / "digits--cnn-small.pt.robustness.json").read_text())
+    assert written == report
+    assert report["eps"] == 0.2 and report["num_examples"] == 24 and report["autoattack_n"] == 4
+    for key in ("clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc", "autoattack_acc"):
+        assert 0.0 <= report[key] <= 1.0
+    assert [row["eps"] for row in report["eps_sweep"]] == [0.0, 0.2, 1.0]
+    assert report["eps_sweep"][0]["pgd20_acc"] == report["clean_acc"]
+
+
+def test_cli_needs_an_architecture_when_nothing_records_it(tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save({}, path)
+    with pytest.raises(SystemExit, match="no record beside .* gives --model"):
+        run([str(path)])
