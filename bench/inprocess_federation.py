@@ -20,7 +20,7 @@ from pmafl.config import RunConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
 from pmafl.task import build_model, client_split, get_teacher, load_data
-from pmafl.train import pmafl_train
+from pmafl.train import needs_teacher, pmafl_train
 
 
 def parse_value(text: str):
@@ -43,7 +43,7 @@ def main() -> None:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     global_model = build_model(cfg, data)
-    teacher = get_teacher(cfg, data)[0] if cfg.train.objective == "pmafl" else None
+    teacher = get_teacher(cfg, data)[0] if needs_teacher(cfg.train.objective) else None
     clients = [client_split(cfg, data, pid, args.clients).tensors() for pid in range(args.clients)]
     test_images, test_labels = data.test.tensors()
     print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")

@@ -16,7 +16,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.task import build_model, client_split, get_teacher, load_data, resolve_device
-from pmafl.train import pmafl_train
+from pmafl.train import needs_teacher, pmafl_train
 
 app = ClientApp()
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
@@ -65,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
     model.to(device)
     tensors = [images, labels]
     teacher = None
-    if train_config.objective == "pmafl":
+    if needs_teacher(train_config.objective):
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
         teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
         tensors.append(_teacher_logits(context, teacher, sha256, images))

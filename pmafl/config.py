@@ -20,7 +20,8 @@ from typing import Any
 
 from pmafl.models import is_known_model, model_names
 
-OBJECTIVES = ("pmafl", "ce", "pgd-at")
+OBJECTIVES = ("pmafl", "ce", "pgd-at", "fat", "trades", "mart", "pmafl-no-vkd", "pmafl-no-akd",
+              "pmafl-no-alg", "pmafl-no-mixup")
 ATTACK_LOSSES = ("ce", "kl")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
@@ -96,9 +97,10 @@ def _build(cls: type, values: Mapping[str, Any], where: str, ignore: tuple[str, 
 class TrainConfig:
     """Local-training hyperparameters: what a client needs to run one round of local training."""
 
-    objective: str = option("pmafl", "Local objective: `pmafl` (PM-AFL), `ce` (FedAvg, clean "
-                            "cross-entropy) or `pgd-at` (FedAvg with Madry PGD adversarial training).",
-                            choices=OBJECTIVES)
+    objective: str = option("pmafl", "Local objective: `pmafl` (PM-AFL); baselines `ce` (FedAvg), "
+                            "`pgd-at` (Madry), `fat` (clean + adversarial CE), `trades`, `mart`; "
+                            "ablations `pmafl-no-vkd`, `pmafl-no-akd`, `pmafl-no-alg`, "
+                            "`pmafl-no-mixup`.", choices=OBJECTIVES)
     local_epochs: int = option(2, "Local epochs per round.", low=1)
     lr: float = option(0.05, "SGD learning rate of local training.", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum.", low=0, high=1)
@@ -112,6 +114,7 @@ class TrainConfig:
     grad_clip: float = option(5.0, "Clip each local step's gradient to this global L2 norm (0: "
                               "off); keeps distillation with a large tau or lambda from diverging.",
                               low=0)
+    beta: float = option(6.0, "Robustness weight of `trades` and `mart`.", low=0)
     ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
                               low=0)
     attack_loss: str = option("ce", "Loss PGD maximises during training: `ce` (labels) or `kl` "
@@ -183,8 +186,9 @@ class RunConfig:
             raise ConfigError(f"{where} key 'train' is unknown")
         cfg = _build(cls, own, where)
         cfg = dataclasses.replace(cfg, train=train)
-        if cfg.train.attack_loss == "kl" and cfg.train.objective != "pmafl":
-            raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl', "
+        if cfg.train.attack_loss == "kl" and not cfg.train.objective.startswith("pmafl"):
+            raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl' or an "
+                              "ablation of it, "
                               f"got objective {cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):

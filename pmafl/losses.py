@@ -45,6 +45,30 @@ def pmafl_objective(l_vkd: torch.Tensor, l_akd: torch.Tensor, l_alg: torch.Tenso
     return alpha * l_vkd + (1.0 - alpha) * l_akd + lambda_alg * l_alg
 
 
+def trades_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """TRADES' robustness term KL(p_S(x) || p_S(x_adv)), averaged over the batch (Zhang et al. 2019)."""
+    return F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(clean_logits, dim=1),
+                    reduction="batchmean")
+
+
+def mart_boosted_ce(adv_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MART's BCE on adversarial examples (Wang et al. 2020): CE(S(x_adv), y) plus
+    -log(1 - p_S(x_adv)_k), k the most likely wrong class; batch mean."""
+    probs = F.softmax(adv_logits, dim=1)
+    wrong = probs.masked_fill(F.one_hot(labels, probs.shape[1]).bool(), -1.0).argmax(dim=1)
+    margin = -torch.log(1.0001 - probs.gather(1, wrong[:, None]).squeeze(1) + 1e-12)
+    return F.cross_entropy(adv_logits, labels) + margin.mean()
+
+
+def mart_weighted_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+    """MART's robustness term: mean_i KL(p_S(x_i) || p_S(x_i^adv)) * (1 - p_S(x_i)_y), which
+    weighs misclassified examples up."""
+    clean_probs = F.softmax(clean_logits, dim=1)
+    kl = (clean_probs * (torch.log(clean_probs + 1e-12) - F.log_softmax(adv_logits, dim=1))).sum(dim=1)
+    return (kl * (1.0000001 - clean_probs.gather(1, labels[:, None]).squeeze(1))).mean()
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE(S(x), y): FedAvg's clean objective, and Madry's PGD-AT when x is adversarial."""
     return F.cross_entropy(logits, labels)

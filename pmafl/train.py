@@ -9,6 +9,7 @@ term is the model as it was when the call started, i.e. the global model the cli
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from pmafl.losses import (
     adversarial_mixture_kd,
     cross_entropy,
     global_consistency,
+    mart_boosted_ce,
+    mart_weighted_kl,
     pmafl_objective,
+    trades_kl,
     vanilla_mixture_kd,
 )
 
@@ -34,6 +38,7 @@ class StepContext:
 
     config: TrainConfig
     attack: PGD
+    kl_attack: PGD
     teacher: nn.Module | None = None
     global_model: nn.Module | None = None
 
@@ -84,7 +89,48 @@ def pmafl_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return {"loss": loss, **terms}
 
 
-OBJECTIVES: dict[str, Callable[..., Terms]] = {"pmafl": pmafl_step, "ce": ce_step, "pgd-at": pgd_at_step}
+def fat_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """FAT-style mix of clean and adversarial training: (CE(S(x), y) + CE(S(x_adv), y)) / 2."""
+    x_adv = ctx.attack(x, y)
+    s_clean, s_adv = model(torch.cat([x, x_adv])).split(len(x))
+    l_clean, l_adv = cross_entropy(s_clean, y), cross_entropy(s_adv, y)
+    return {"loss": 0.5 * (l_clean + l_adv), "loss-clean": l_clean, "loss-adv": l_adv}
+
+
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """TRADES: CE(S(x), y) + beta * KL(p_S(x) || p_S(x_adv)), x_adv maximising that KL."""
+    with torch.no_grad():
+        clean_probs = torch.softmax(model.eval()(x), dim=1)
+    model.train()
+    x_adv = ctx.kl_attack(x, clean_probs)
+    s_clean, s_adv = model(torch.cat([x, x_adv])).split(len(x))
+    l_ce, l_kl = cross_entropy(s_clean, y), trades_kl(s_clean, s_adv)
+    return {"loss": l_ce + ctx.config.beta * l_kl, "loss-ce": l_ce, "loss-kl": l_kl}
+
+
+def mart_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """MART: BCE(S(x_adv), y) + beta * KL(p_S(x) || p_S(x_adv)) * (1 - p_S(x)_y)."""
+    x_adv = ctx.attack(x, y)
+    s_clean, s_adv = model(torch.cat([x, x_adv])).split(len(x))
+    l_bce, l_kl = mart_boosted_ce(s_adv, y), mart_weighted_kl(s_clean, s_adv, y)
+    return {"loss": l_bce + ctx.config.beta * l_kl, "loss-bce": l_bce, "loss-kl": l_kl}
+
+
+OBJECTIVES: dict[str, Callable[..., Terms]] = {
+    "pmafl": pmafl_step, "ce": ce_step, "pgd-at": pgd_at_step, "fat": fat_step,
+    "trades": trades_step, "mart": mart_step}
+# PM-AFL ablations: the pmafl objective with one ingredient switched off.
+ABLATIONS: dict[str, dict[str, float]] = {
+    "pmafl-no-vkd": {"alpha": 0.0}, "pmafl-no-akd": {"alpha": 1.0},
+    "pmafl-no-alg": {"lambda_alg": 0.0}, "pmafl-no-mixup": {"mixup_alpha": 0.0}}
+
+
+def needs_teacher(objective: str) -> bool:
+    """PM-AFL and its ablations distil from the teacher; the baselines do not."""
+    return objective == "pmafl" or objective in ABLATIONS
 
 
 def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
@@ -96,8 +142,11 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     `teacher` is required by the `pmafl` objective and ignored by the baselines. Training runs on
     the device that holds `model`.
     """
+    if config.objective in ABLATIONS:
+        config = dataclasses.replace(config, objective="pmafl", **ABLATIONS[config.objective])
     if config.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {config.objective!r}; known: {', '.join(OBJECTIVES)}")
+        known = ", ".join([*OBJECTIVES, *ABLATIONS])
+        raise ValueError(f"unknown objective {config.objective!r}; known: {known}")
     needs_teacher = config.objective == "pmafl"
     if needs_teacher and teacher is None:
         raise ValueError("objective 'pmafl' needs a teacher model")
@@ -106,8 +155,9 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     if needs_teacher:
         teacher.eval()
         global_model = copy.deepcopy(model).eval().requires_grad_(False)
-    ctx = StepContext(config, PGD(model, config.eps, config.pgd_step, config.pgd_steps,
-                                  loss=config.attack_loss), teacher, global_model)
+    attack = PGD(model, config.eps, config.pgd_step, config.pgd_steps, loss=config.attack_loss)
+    kl_attack = PGD(model, config.eps, config.pgd_step, config.pgd_steps, loss="kl")
+    ctx = StepContext(config, attack, kl_attack, teacher, global_model)
     step = OBJECTIVES[config.objective]
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

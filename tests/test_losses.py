@@ -10,7 +10,10 @@ from pmafl.losses import (
     cross_entropy,
     global_consistency,
     kd_kl,
+    mart_boosted_ce,
+    mart_weighted_kl,
     pmafl_objective,
+    trades_kl,
     vanilla_mixture_kd,
 )
 
@@ -72,3 +75,27 @@ def test_pmafl_objective_weights_the_terms():
 def test_cross_entropy_matches_hand_computation():
     expected = -(math.log(softmax(S[0])[0]) + math.log(softmax(S[1])[2])) / 2
     assert cross_entropy(torch.tensor(S), torch.tensor([0, 2])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_trades_kl_matches_hand_computation():
+    expected = sum(kl(softmax(c), softmax(a)) for c, a in zip(S, S2)) / 2
+    assert trades_kl(torch.tensor(S), torch.tensor(S2)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mart_boosted_ce_matches_hand_computation():
+    labels = [0, 2]
+    expected = 0.0
+    for logits, y in zip(S2, labels):
+        p = softmax(logits)
+        wrong = max((k for k in range(3) if k != y), key=lambda k: p[k])
+        expected += -math.log(p[y]) - math.log(1.0001 - p[wrong] + 1e-12)
+    got = mart_boosted_ce(torch.tensor(S2), torch.tensor(labels)).item()
+    assert got == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_mart_weighted_kl_matches_hand_computation():
+    labels = [0, 2]
+    expected = sum(kl(softmax(c), softmax(a)) * (1.0000001 - softmax(c)[y])
+                   for c, a, y in zip(S, S2, labels)) / 2
+    got = mart_weighted_kl(torch.tensor(S), torch.tensor(S2), torch.tensor(labels)).item()
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -6,9 +6,9 @@ import torch
 from pmafl.attacks import PGD
 from pmafl.config import TrainConfig
 from pmafl.data import make_loader
-from pmafl.losses import adversarial_mixture_kd, global_consistency, vanilla_mixture_kd
+from pmafl.losses import adversarial_mixture_kd, global_consistency, trades_kl, vanilla_mixture_kd
 from pmafl.models import create_model
-from pmafl.train import StepContext, pmafl_step, pmafl_train
+from pmafl.train import OBJECTIVES, StepContext, pmafl_step, pmafl_train
 
 
 def tiny_problem(n=48, seed=0):
@@ -29,7 +29,7 @@ def test_pmafl_step_is_the_weighted_sum_of_its_terms():
     student, teacher = model(0), model(1).eval()
     global_model = model(2).eval()
     cfg = TrainConfig(alpha=0.3, lambda_alg=0.2, tau=2.0, mixup_alpha=1.0, pgd_steps=2)
-    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), teacher, global_model)
+    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), None, teacher, global_model)
     torch.manual_seed(7)
     terms = pmafl_step(student, x, y, None, ctx)
     expected = 0.3 * terms["loss-vkd"] + 0.7 * terms["loss-akd"] + 0.2 * terms["loss-alg"]
@@ -56,7 +56,7 @@ def test_without_mixup_the_blend_terms_repeat_the_plain_ones():
     x, y = tiny_problem(8)
     student, teacher = model(0), model(1).eval()
     cfg = TrainConfig(mixup_alpha=0.0, pgd_steps=2)
-    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), teacher, model(2).eval())
+    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), None, teacher, model(2).eval())
     terms = pmafl_step(student, x, y, None, ctx)
     with torch.no_grad():
         half = vanilla_mixture_kd(student(x), student(x), teacher(x), teacher(x), 1.0).item()
@@ -113,3 +113,52 @@ def test_gradient_clipping_bounds_each_step():
     pmafl_train(student, None, make_loader(x, y, batch_size=16, shuffle=False), cfg)
     step = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(student.parameters(), before)))
     assert 0 < step.item() <= 0.1 * 0.01 * (1 + 1e-4)
+
+
+def baseline_terms(objective, seed=3):
+    x, y = tiny_problem(8)
+    student = model(0)
+    cfg = TrainConfig(objective=objective, pgd_steps=2, beta=6.0)
+    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps),
+                      PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps, loss="kl"))
+    torch.manual_seed(seed)
+    return OBJECTIVES[objective](student, x, y, None, ctx)
+
+
+@pytest.mark.parametrize("objective, parts", [
+    ("fat", lambda t: 0.5 * (t["loss-clean"] + t["loss-adv"])),
+    ("trades", lambda t: t["loss-ce"] + 6.0 * t["loss-kl"]),
+    ("mart", lambda t: t["loss-bce"] + 6.0 * t["loss-kl"]),
+])
+def test_baselines_compose_their_terms(objective, parts):
+    terms = baseline_terms(objective)
+    assert terms["loss"].item() == pytest.approx(parts(terms).item(), rel=1e-6)
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_trades_attack_maximises_the_kl_term():
+    """Its adversarial examples raise KL(p(x) || p(x_adv)) above a random point of the ball's."""
+    x, y = tiny_problem(8)
+    student = model(0).eval()
+    with torch.no_grad():
+        probs = torch.softmax(student(x), 1)
+    adv = PGD(student, 0.2, 0.05, 5, loss="kl")(x, probs)
+    noise = (x + torch.empty_like(x).uniform_(-0.2, 0.2)).clamp(0, 1)
+    with torch.no_grad():
+        assert trades_kl(student(x), student(adv)) > trades_kl(student(x), student(noise))
+
+
+@pytest.mark.parametrize("ablation, override", [
+    ("pmafl-no-vkd", {"alpha": 0.0}), ("pmafl-no-akd", {"alpha": 1.0}),
+    ("pmafl-no-alg", {"lambda_alg": 0.0}), ("pmafl-no-mixup", {"mixup_alpha": 0.0})])
+def test_ablation_is_pmafl_with_one_ingredient_off(ablation, override):
+    x, y = tiny_problem(16)
+    loader = make_loader(x, y, batch_size=8, shuffle=False)
+    teacher = model(1).eval()
+    results = []
+    for cfg in (TrainConfig(objective=ablation, pgd_steps=2, local_epochs=1),
+                TrainConfig(objective="pmafl", pgd_steps=2, local_epochs=1, **override)):
+        student = model(0)
+        torch.manual_seed(5)
+        results.append(pmafl_train(student, teacher, loader, cfg))
+    assert results[0] == results[1]
