@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from pmafl.config import RunConfig
+from pmafl.config import RunConfig, needs_teacher
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
 from pmafl.task import build_model, client_split, get_teacher, load_data
-from pmafl.train import needs_teacher, pmafl_train
+from pmafl.train import pmafl_train
 
 
 def parse_value(text: str):

@@ -13,10 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
-from pmafl.config import RunConfig, TrainConfig
+from pmafl.config import RunConfig, TrainConfig, needs_teacher
 from pmafl.data import make_loader
 from pmafl.task import build_model, client_split, get_teacher, load_data, resolve_device
-from pmafl.train import needs_teacher, pmafl_train
+from pmafl.train import pmafl_train
 
 app = ClientApp()
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training

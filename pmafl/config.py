@@ -20,11 +20,19 @@ from typing import Any
 
 from pmafl.models import is_known_model, model_names
 
-OBJECTIVES = ("pmafl", "ce", "pgd-at", "fat", "trades", "mart", "pmafl-no-vkd", "pmafl-no-akd",
-              "pmafl-no-alg", "pmafl-no-mixup")
+# PM-AFL ablations: the pmafl objective with one ingredient switched off.
+ABLATIONS: dict[str, dict[str, float]] = {
+    "pmafl-no-vkd": {"alpha": 0.0}, "pmafl-no-akd": {"alpha": 1.0},
+    "pmafl-no-alg": {"lambda_alg": 0.0}, "pmafl-no-mixup": {"mixup_alpha": 0.0}}
+OBJECTIVES = ("pmafl", "ce", "pgd-at", "fat", "trades", "mart", *ABLATIONS)
 ATTACK_LOSSES = ("ce", "kl")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def needs_teacher(objective: str) -> bool:
+    """PM-AFL and its ablations distil from the teacher; the baselines do not."""
+    return objective == "pmafl" or objective in ABLATIONS
 
 
 class ConfigError(ValueError):
@@ -186,7 +194,7 @@ class RunConfig:
             raise ConfigError(f"{where} key 'train' is unknown")
         cfg = _build(cls, own, where)
         cfg = dataclasses.replace(cfg, train=train)
-        if cfg.train.attack_loss == "kl" and not cfg.train.objective.startswith("pmafl"):
+        if cfg.train.attack_loss == "kl" and not needs_teacher(cfg.train.objective):
             raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl' or an "
                               "ablation of it, "
                               f"got objective {cfg.train.objective!r}")

@@ -56,15 +56,18 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    loss, correct = 0.0, 0
     try:
         with torch.no_grad():
-            loss = sum(F.cross_entropy(model(images[i:i + batch_size].to(device)),
-                                       labels[i:i + batch_size].to(device), reduction="sum").item()
-                       for i in range(0, len(labels), batch_size))
+            for start in range(0, len(labels), batch_size):
+                logits = model(images[start:start + batch_size].to(device))
+                y = labels[start:start + batch_size].to(device)
+                loss += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
     finally:
         model.train(was_training)
-    return {"clean_acc": accuracy(model, images, labels, None, batch_size),
-            "clean_loss": loss / max(len(labels), 1),
+    n = max(len(labels), 1)
+    return {"clean_acc": correct / n, "clean_loss": loss / n,
             "pgd_acc": accuracy(model, images, labels, PGD(model, eps, step, steps), batch_size)}
 
 

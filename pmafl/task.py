@@ -33,7 +33,9 @@ def build_model(cfg: RunConfig, data: FederatedData) -> Normalized:
     return create_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
 
 
+@functools.lru_cache(maxsize=64)
 def client_split(cfg: RunConfig, data: FederatedData, partition_id: int, num_partitions: int) -> Split:
+    """A client's share of the pool (cached: the partitioner runs once per process, not per round)."""
     index = partition_indices(data.pool.labels.numpy(), num_partitions, partition_id,
                               cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_partition, cfg.seed)
     return data.pool.subset(index)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pmafl.attacks import PGD
-from pmafl.config import TrainConfig
+from pmafl.config import ABLATIONS, TrainConfig
 from pmafl.losses import (
     adversarial_mixture_kd,
     cross_entropy,
@@ -122,15 +122,7 @@ def mart_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 OBJECTIVES: dict[str, Callable[..., Terms]] = {
     "pmafl": pmafl_step, "ce": ce_step, "pgd-at": pgd_at_step, "fat": fat_step,
     "trades": trades_step, "mart": mart_step}
-# PM-AFL ablations: the pmafl objective with one ingredient switched off.
-ABLATIONS: dict[str, dict[str, float]] = {
-    "pmafl-no-vkd": {"alpha": 0.0}, "pmafl-no-akd": {"alpha": 1.0},
-    "pmafl-no-alg": {"lambda_alg": 0.0}, "pmafl-no-mixup": {"mixup_alpha": 0.0}}
 
-
-def needs_teacher(objective: str) -> bool:
-    """PM-AFL and its ablations distil from the teacher; the baselines do not."""
-    return objective == "pmafl" or objective in ABLATIONS
 
 
 def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
