@@ -19,7 +19,7 @@ import torch
 from pmafl.config import RunConfig, needs_teacher
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
-from pmafl.task import build_model, client_split, get_teacher, load_data
+from pmafl.task import build_model, client_seed, client_split, get_teacher, load_data
 from pmafl.train import pmafl_train
 
 
@@ -44,19 +44,21 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     global_model = build_model(cfg, data)
     teacher = get_teacher(cfg, data)[0] if needs_teacher(cfg.train.objective) else None
-    clients = [client_split(cfg, data, pid, args.clients).tensors() for pid in range(args.clients)]
+    clients = []  # each client's (images, labels[, teacher logits]): the logits never change
+    for pid in range(args.clients):
+        tensors = list(client_split(cfg, data, pid, args.clients).tensors())
+        if teacher is not None:
+            with torch.no_grad():
+                tensors.append(teacher(tensors[0]))
+        clients.append(tensors)
     test_images, test_labels = data.test.tensors()
     print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")
     start = time.time()
     for server_round in range(1, args.rounds + 1):
         states, weights = [], []
-        for pid, (images, labels) in enumerate(clients):
-            torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + pid)
+        for pid, tensors in enumerate(clients):
+            torch.manual_seed(client_seed(cfg.seed, server_round, pid))
             model = copy.deepcopy(global_model)
-            tensors = [images, labels]
-            if teacher is not None:
-                with torch.no_grad():
-                    tensors.append(teacher(images))
             loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=pid)
             metrics = pmafl_train(model, teacher, loader, cfg.train)
             states.append(model.state_dict())

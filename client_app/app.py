@@ -15,7 +15,7 @@ from flwr.common.logger import FLOWER_LOGGER
 
 from pmafl.config import RunConfig, TrainConfig, needs_teacher
 from pmafl.data import make_loader
-from pmafl.task import build_model, client_split, get_teacher, load_data, resolve_device
+from pmafl.task import build_model, client_seed, client_split, get_teacher, load_data, resolve_device
 from pmafl.train import pmafl_train
 
 app = ClientApp()
@@ -69,10 +69,9 @@ def train(msg: Message, context: Context) -> Message:
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
         teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
         tensors.append(_teacher_logits(context, teacher, sha256, images))
-    # Seeded by run, round and partition, after the model and teacher are built (loading the
-    # teacher draws random numbers only the first time in a process): two runs with one seed train
-    # identically whichever process serves which node.
-    seed = cfg.seed * 1_000_003 + server_round * 1009 + partition_id
+    # Seeded after the model and teacher are built: loading the teacher draws random numbers only
+    # the first time in a process.
+    seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)
     loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
     metrics = pmafl_train(model, teacher, loader, train_config)

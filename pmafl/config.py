@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pmafl.data import DATASETS
 from pmafl.models import is_known_model, model_names
 
 # PM-AFL ablations: the pmafl objective with one ingredient switched off.
@@ -155,7 +156,7 @@ class RunConfig:
                                   low=0, low_open=True)
     dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), `cifar10`, "
                           "`cifar100`, `fashion-mnist`, `svhn` (from `data-dir`).",
-                          choices=("digits", "cifar10", "cifar100", "fashion-mnist", "svhn"))
+                          choices=DATASETS)
     data_dir: str = option("", "Folder holding downloaded datasets; empty: ~/.cache/pmafl/data.")
     download: bool = option(False, "Download a missing dataset (needs the network).")
     public_fraction: float = option(0.3, "Fraction of the training split kept public to pre-train "

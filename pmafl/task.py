@@ -17,6 +17,12 @@ from pmafl.models import Normalized, create_model
 from pmafl.teacher import ensure_teacher, teacher_path
 
 
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The torch seed of one client's local training in one round: two runs with one seed train
+    identically, whichever process serves which node."""
+    return seed * 1_000_003 + server_round * 1009 + partition_id
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but CUDA is not available on this node")
