@@ -1,4 +1,5 @@
-"""ClientApp: thin wiring from a Flower train message to `pmafl.train.pmafl_train`.
+"""ClientApp: thin wiring from Flower messages to `pmafl.train.pmafl_train` (train) and
+`pmafl.evaluate.evaluate` on the node's local test split (evaluate).
 
 Node config: `partition-id` and `num-partitions` (filled in by the simulation; set with
 `flower-supernode --node-config` in deployment) and optionally `teacher-cache-dir`.
@@ -15,7 +16,16 @@ from flwr.common.logger import FLOWER_LOGGER
 
 from pmafl.config import RunConfig, TrainConfig, needs_teacher
 from pmafl.data import make_loader
-from pmafl.task import build_model, client_seed, client_split, get_teacher, load_data, resolve_device
+from pmafl.evaluate import evaluate as evaluate_model
+from pmafl.task import (
+    build_model,
+    client_seed,
+    client_split,
+    client_test_split,
+    get_teacher,
+    load_data,
+    resolve_device,
+)
 from pmafl.train import pmafl_train
 
 app = ClientApp()
@@ -49,6 +59,12 @@ def _teacher_logits(context: Context, teacher: torch.nn.Module, sha256: str,
     return logits
 
 
+def _received_model(msg: Message, cfg: RunConfig, data, device: torch.device) -> torch.nn.Module:
+    model = build_model(cfg, data)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model.to(device)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the received global model on this node's partition."""
@@ -59,10 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg.device)
     data = load_data(cfg)
     images, labels = client_split(cfg, data, partition_id, num_partitions).tensors()
-
-    model = build_model(cfg, data)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
+    model = _received_model(msg, cfg, data, device)
     tensors = [images, labels]
     teacher = None
     if needs_teacher(train_config.objective):
@@ -78,3 +91,22 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Clean and PGD accuracy of the received global model on this node's local test split (the
+    test split resampled to this node's class proportions)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    train_config = TrainConfig.from_mapping(msg.content["config"])
+    partition_id, num_partitions = _node_partition(context)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    images, labels = client_test_split(cfg, data, partition_id, num_partitions).tensors()
+    model = _received_model(msg, cfg, data, device)
+    torch.manual_seed(client_seed(cfg.seed, int(msg.content["config"].get("server-round", 0)),
+                                  partition_id))
+    scores = evaluate_model(model, images, labels, train_config.eps, train_config.pgd_step,
+                            cfg.eval_steps, cfg.batch_size * 8)
+    metrics = MetricRecord({**scores, "num-examples": len(labels)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

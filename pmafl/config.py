@@ -152,6 +152,11 @@ class RunConfig:
                                    low=0, high=1, low_open=True)
     min_train_nodes: int = option(2, "Fewest nodes trained per round.", low=1)
     min_available_nodes: int = option(2, "Nodes that must be connected before a round starts.", low=1)
+    federated_eval_every: int = option(5, "Federated evaluation (each node, clean and PGD on its "
+                                       "local test split; mean and worst node) every N rounds "
+                                       "and in the last round; 0: off.", low=0)
+    fraction_evaluate: float = option(1.0, "Fraction of connected nodes sampled for federated "
+                                      "evaluation.", low=0, high=1, low_open=True)
     round_timeout: float = option(600.0, "Seconds the server waits for replies in a round.",
                                   low=0, low_open=True)
     dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), `cifar10`, "

@@ -196,6 +196,37 @@ def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int
     return np.asarray(part.load_partition(partition_id)["index"], dtype=np.int64)
 
 
+def apportion(total: int, weights: np.ndarray) -> np.ndarray:
+    """`total` split into integers proportional to `weights` (largest remainder)."""
+    share = total * weights / weights.sum()
+    counts = np.floor(share).astype(np.int64)
+    for c in np.argsort(-(share - counts), kind="stable")[: total - counts.sum()]:
+        counts[c] += 1
+    return counts
+
+
+def local_test_indices(test_labels: np.ndarray, train_labels: np.ndarray, num_classes: int,
+                       size: int, seed: int) -> np.ndarray:
+    """Indices into the test split of one client's local test split: `size` test images (without
+    replacement) whose class proportions follow the client's training partition, so that each
+    client is judged on the distribution it trained on. A class with too few test images is made
+    up for by the client's other classes, in proportion. Clients may share test images."""
+    counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+    available = np.bincount(test_labels, minlength=num_classes)
+    want = np.zeros(num_classes, dtype=np.int64)
+    while True:
+        room = available - want
+        eligible = (counts > 0) & (room > 0)
+        left = size - want.sum()
+        if left <= 0 or not eligible.any():
+            break
+        want += np.minimum(apportion(left, counts * eligible), room)
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(test_labels == c), want[c], replace=False)
+              for c in range(num_classes) if want[c] > 0]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
 def make_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle,

@@ -41,6 +41,11 @@ def plot_accuracy(rounds: list[dict[str, Any]], path: Path, title: str = "") -> 
     xs = [r["round"] for r in rounds]
     ax.plot(xs, [r.get("clean_acc") for r in rounds], marker="o", label="clean")
     ax.plot(xs, [r.get("pgd_acc") for r in rounds], marker="s", label="PGD-20")
+    fed = [r for r in rounds if "fed_pgd_acc" in r]
+    if fed:  # federated evaluation: mean and worst node, on the nodes' local test splits
+        fx = [r["round"] for r in fed]
+        ax.plot(fx, [r["fed_pgd_acc"] for r in fed], "^--", label="PGD-20, mean node")
+        ax.plot(fx, [r["fed_worst_pgd_acc"] for r in fed], "v:", label="PGD-20, worst node")
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -54,11 +59,17 @@ def summary(folder: Path) -> str:
     results = json.loads((Path(folder) / "results.json").read_text())
     config, rounds = results["config"], results["rounds"]
     lines = [f"{config['objective']} on {config['dataset']}, {len(rounds) - 1} rounds, "
-             f"eps {config['eps']}:", "round  clean_acc  pgd_acc  local_loss  left_out"]
+             f"eps {config['eps']}; central = the global model on the test split, node = federated "
+             "evaluation on the nodes' local test splits (mean / worst node):",
+             "round  clean_acc  pgd_acc  node_pgd_mean  node_pgd_worst  local_loss  left_out"]
+
+    def number(row: dict[str, Any], key: str, width: int, digits: int = 3) -> str:
+        return f"{row[key]:>{width}.{digits}f}" if key in row else f"{'-':>{width}}"
+
     for r in rounds:
-        loss = f"{r['loss']:.4f}" if "loss" in r else "-"
-        lines.append(f"{r['round']:>5}  {r.get('clean_acc', float('nan')):>9.3f}  "
-                     f"{r.get('pgd_acc', float('nan')):>7.3f}  {loss:>10}  {len(r['failures']):>8}")
+        lines.append(f"{r['round']:>5}  {number(r, 'clean_acc', 9)}  {number(r, 'pgd_acc', 7)}  "
+                     f"{number(r, 'fed_pgd_acc', 13)}  {number(r, 'fed_worst_pgd_acc', 14)}  "
+                     f"{number(r, 'loss', 10, 4)}  {len(r['failures']):>8}")
     lines.append(f"Results: {Path(folder).resolve()}")
     return "\n".join(lines)
 

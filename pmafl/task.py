@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pmafl.config import RunConfig
-from pmafl.data import FederatedData, Split, load_dataset, partition_indices
+from pmafl.data import FederatedData, Split, load_dataset, local_test_indices, partition_indices
 from pmafl.models import Normalized, create_model
 from pmafl.teacher import ensure_teacher, teacher_path
 
@@ -45,6 +45,18 @@ def client_split(cfg: RunConfig, data: FederatedData, partition_id: int, num_par
     index = partition_indices(data.pool.labels.numpy(), num_partitions, partition_id,
                               cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_partition, cfg.seed)
     return data.pool.subset(index)
+
+
+@functools.lru_cache(maxsize=64)
+def client_test_split(cfg: RunConfig, data: FederatedData, partition_id: int,
+                      num_partitions: int) -> Split:
+    """A client's local test split: drawn from the held-out test split with the class proportions
+    of the client's partition; 1/num_partitions of the test split, at least 100 images."""
+    train_labels = client_split(cfg, data, partition_id, num_partitions).labels.numpy()
+    size = max(len(data.test) // num_partitions, min(len(data.test), 100))
+    index = local_test_indices(data.test.labels.numpy(), train_labels, data.num_classes, size,
+                               client_seed(cfg.seed, 0, partition_id))
+    return data.test.subset(index)
 
 
 @functools.lru_cache(maxsize=4)

@@ -55,13 +55,16 @@ class CentralEvaluator:
 
 
 def collect_rounds(result: Any, strategy: PMAFL, num_rounds: int) -> list[dict[str, Any]]:
-    """One dict a round: central scores, mean local loss terms, and the nodes left out."""
+    """One dict a round: central scores, mean local loss terms, federated evaluation (`fed_`
+    keys: mean and worst node) when it ran, and the nodes left out."""
     rounds = []
     for r in range(num_rounds + 1):
         row: dict[str, Any] = {"round": r}
         row.update(result.evaluate_metrics_serverapp.get(r, {}))
         train = result.train_metrics_clientapp.get(r, {})
         row.update({key.replace("-", "_"): value for key, value in train.items()})
+        federated = result.evaluate_metrics_clientapp.get(r, {})
+        row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
         row["failures"] = strategy.failures.get(r, [])
         rounds.append(row)
     return rounds
@@ -77,8 +80,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "pmafl: objective %s, dataset %s (%d pool / %d public / %d test images), model %s",
         cfg.train.objective, cfg.dataset, len(data.pool), len(data.public), len(data.test), cfg.model)
 
-    strategy = PMAFL(train_config=cfg.train, fraction_train=cfg.fraction_train,
-                     fraction_evaluate=0.0, min_train_nodes=cfg.min_train_nodes,
+    strategy = PMAFL(train_config=cfg.train, evaluate_every=cfg.federated_eval_every,
+                     fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                     min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,

@@ -9,11 +9,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from pmafl.config import TrainConfig
-from strategies.strategy_utils import error_summary, reply_problem, weighted_mean
+from strategies.strategy_utils import (
+    canonical_order,
+    error_summary,
+    reply_problem,
+    weighted_mean,
+    worst_client,
+)
 
 
 class PMAFL(FedAvg):
@@ -33,6 +39,10 @@ class PMAFL(FedAvg):
     train_config : TrainConfig (default: TrainConfig())
         Local-training hyperparameters broadcast in every train message (objective, alpha,
         lambda-alg, tau, mixup-alpha, eps, PGD steps, optimiser settings, ...).
+    evaluate_every : int (default: 1)
+        Federated evaluation (each sampled node on its local test split) every this many rounds
+        and in the last round; 0 turns it off, as does fraction_evaluate=0. Its metrics are the
+        weighted mean over nodes plus `worst-<key>` for every accuracy.
     **fedavg_kwargs
         Passed to Flower's `FedAvg`: fraction_train (1.0), fraction_evaluate (1.0),
         min_train_nodes (2), min_evaluate_nodes (2), min_available_nodes (2),
@@ -40,9 +50,12 @@ class PMAFL(FedAvg):
         train_metrics_aggr_fn, evaluate_metrics_aggr_fn.
     """
 
-    def __init__(self, train_config: TrainConfig | None = None, **fedavg_kwargs: Any) -> None:
+    def __init__(self, train_config: TrainConfig | None = None, evaluate_every: int = 1,
+                 **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.train_config = train_config or TrainConfig()
+        self.evaluate_every = evaluate_every
+        self.num_rounds = 0
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self._sent_shapes: dict[str, tuple[int, ...]] = {}
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
@@ -70,7 +83,7 @@ class PMAFL(FedAvg):
             log(WARNING, "round %d: no valid train reply; the global model stays as it was",
                 server_round)
             return None, None
-        contents = [msg.content for msg in valid]
+        contents = canonical_order([msg.content for msg in valid])
         arrays = weighted_mean([next(iter(c.array_records.values())) for c in contents],
                                [next(iter(c.metric_records.values()))[self.weighted_by_key]
                                 for c in contents])
@@ -78,16 +91,34 @@ class PMAFL(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """Sample nodes for federated evaluation (every `evaluate_every` rounds and the last one);
+        send them the global model and the train config (its eps is the attack radius)."""
+        due = self.evaluate_every > 0 and (server_round % self.evaluate_every == 0
+                                           or server_round == self.num_rounds)
+        if self.fraction_evaluate == 0 or not due:
+            self._sampled["evaluate"] = []
+            return []
+        config = ConfigRecord({**self.train_config.to_record(), **config})
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._sampled["evaluate"] = [msg.metadata.dst_node_id for msg in messages]
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted mean of the valid replies' metrics."""
+        """Weighted mean of the valid replies' metrics, plus `worst-<key>`, the lowest client
+        value of every accuracy (`...acc`) metric: non-IID robustness is uneven across clients."""
         valid = self._screen(server_round, "evaluate", replies, None)
         if not valid:
             return None
-        return self.evaluate_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        contents = canonical_order([msg.content for msg in valid])
+        metrics = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics.update(worst_client(contents))
+        metrics["num-clients"] = len(contents)
+        return metrics
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              *args: Any, **kwargs: Any) -> Result:
+        self.num_rounds = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
 
     def _screen(self, server_round: int, stage: str, replies: Iterable[Message],
                 expected_shapes: dict[str, tuple[int, ...]] | None) -> list[Message]:

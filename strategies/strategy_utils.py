@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -21,6 +22,30 @@ def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayReco
         dtype = first.numpy().dtype
         mean[key] = Array(np.asarray(acc.round() if dtype.kind in "iub" else acc, dtype=dtype))
     return ArrayRecord(mean)
+
+
+def canonical_order(contents: list[RecordDict]) -> list[RecordDict]:
+    """`contents` sorted by what they hold, not by when or from whom they arrived: the float sums
+    of an average then round the same way in every run (arrival order differs between runs, and
+    with it the last bit of a float32 aggregate, which grows into visible drift over rounds)."""
+    def key(content: RecordDict) -> str:
+        digest = hashlib.sha1()
+        for record in content.array_records.values():
+            for name, array in record.items():
+                digest.update(name.encode())
+                digest.update(array.data)
+        for record in content.metric_records.values():
+            digest.update(repr(sorted(record.items())).encode())
+        return digest.hexdigest()
+
+    return sorted(contents, key=key)
+
+
+def worst_client(contents: list[RecordDict], suffix: str = "acc") -> dict[str, float]:
+    """{"worst-<key>": min over clients} for every metric whose name ends in `suffix`."""
+    metrics = [next(iter(c.metric_records.values())) for c in contents]
+    keys = sorted(k for k in metrics[0] if k.endswith(suffix))
+    return {f"worst-{key}": float(min(m[key] for m in metrics)) for key in keys}
 
 
 def error_summary(reason: str | None, limit: int = 500) -> str:

@@ -3,6 +3,7 @@ without SuperLink or Ray."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -15,8 +16,10 @@ class InProcessGrid:
     Context. A handler that raises answers with an error reply (code 2), as a ClientApp would."""
 
     def __init__(self, handlers: dict[str, Handler], node_configs: dict[int, dict],
-                 run_config: dict) -> None:
+                 run_config: dict, shuffle_seed: int | None = None) -> None:
         self.handlers = handlers
+        # Replies come back in a random order when seeded, as they do from real nodes.
+        self.rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
         self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(),
                                        run_config=run_config)
                          for node, cfg in node_configs.items()}
@@ -33,5 +36,7 @@ class InProcessGrid:
                 replies.append(self.handlers[msg.metadata.message_type](msg, self.contexts[node]))
             except Exception as e:  # noqa: BLE001 - a ClientApp's exception becomes an error reply
                 replies.append(Message(Error(code=2, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
+        if self.rng is not None:
+            self.rng.shuffle(replies)
         self.replies.append(replies)
         return replies

@@ -1,13 +1,14 @@
-"""The ClientApp's train handler, in process."""
+"""The ClientApp's train and evaluate handlers, in process."""
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import train
+from client_app.app import evaluate, train
 from pmafl.config import RunConfig, TrainConfig
-from pmafl.task import build_model, client_split, load_data
+from pmafl.evaluate import evaluate as evaluate_model
+from pmafl.task import build_model, client_split, client_test_split, load_data
 from pmafl.teacher import TeacherError
 
 RUN = {"teacher-epochs": 1, "teacher-objective": "ce", "num-server-rounds": 1}
@@ -87,3 +88,23 @@ def test_reply_does_not_depend_on_what_the_process_loaded_before(tmp_path):
     fresh = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # loads it
     warm = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # already loaded
     assert all(torch.equal(fresh[k], warm[k]) for k in fresh)
+
+
+def test_evaluate_handler_scores_the_local_test_split(tmp_path):
+    cfg = RunConfig.from_mapping(RUN)
+    msg, model = instruction(cfg, TrainConfig(eps=0.1, pgd_step=0.03), server_round=4)
+    msg = Message(msg.content, dst_node_id=7, message_type="evaluate")
+    reply = evaluate(msg, context(tmp_path))
+    metrics = reply.content["metrics"]
+    data = load_data(cfg)
+    split = client_test_split(cfg, data, 3, 10)
+    # 1/10 of the 359 test images is 35: the floor of 100 applies, in the partition's proportions.
+    assert metrics["num-examples"] == len(split) == 100
+    partition = np.bincount(client_split(cfg, data, 3, 10).labels.numpy(), minlength=10)
+    assert set(np.flatnonzero(np.bincount(split.labels.numpy(), minlength=10))) <= set(np.flatnonzero(partition))
+    images, labels = split.tensors()
+    torch.manual_seed(0)
+    clean = evaluate_model(model, images, labels, 0.1, 0.03, cfg.eval_steps)
+    assert metrics["clean_acc"] == clean["clean_acc"]
+    assert metrics["clean_loss"] == pytest.approx(clean["clean_loss"])
+    assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmafl.data import load_dataset, partition_indices
+from pmafl.data import local_test_indices, load_dataset, partition_indices
 
 
 def test_digits_splits_are_disjoint_and_cover_the_data():
@@ -78,3 +78,20 @@ def test_cifar10_reader_on_fake_files_in_the_real_format(tmp_path):
 def test_missing_dataset_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*download=true"):
         load_dataset("cifar10", str(tmp_path / "empty"), False, 0.3)
+
+
+def test_local_test_split_follows_the_client_class_proportions():
+    test_labels = np.repeat(np.arange(4), 25)  # 25 test images of each of 4 classes
+    train_labels = np.array([0] * 6 + [1] * 3 + [3] * 1)  # p = 0.6, 0.3, 0, 0.1
+    index = local_test_indices(test_labels, train_labels, 4, size=40, seed=1)
+    assert len(np.unique(index)) == 40
+    assert np.bincount(test_labels[index], minlength=4).tolist() == [24, 12, 0, 4]
+    # 7 images: shares 4.2, 2.1, 0, 0.7 -> floors 4, 2, 0, 0 and the largest remainder (class 3) +1
+    small = local_test_indices(test_labels, train_labels, 4, size=7, seed=1)
+    assert np.bincount(test_labels[small], minlength=4).tolist() == [4, 2, 0, 1]
+    # A class the test split runs out of is made up from the client's other classes.
+    scarce = np.array([0] * 5 + [1] * 50 + [3] * 50)
+    index = local_test_indices(scarce, train_labels, 4, size=40, seed=1)
+    # 40 * (0.6, 0.3, 0.1) = 24, 12, 4 but class 0 has 5; the other 19 go 3:1 -> 14.25, 4.75 -> 14, 5
+    assert np.bincount(scarce[index], minlength=4).tolist() == [5, 26, 0, 9]
+    assert np.array_equal(index, local_test_indices(scarce, train_labels, 4, size=40, seed=1))

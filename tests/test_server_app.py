@@ -5,18 +5,18 @@ import json
 import torch
 from inprocess import InProcessGrid
 
-from client_app.app import train
+from client_app.app import evaluate, train
 from pmafl.config import RunConfig
 from pmafl.task import build_model, load_data
 from server_app.app import main
 
 
-def run_federation(tmp_path, **overrides):
-    run_config = {"num-server-rounds": 2, "local-epochs": 1, "pgd-steps": 2, "eval-steps": 3,
+def run_federation(tmp_path, shuffle_seed=None, **overrides):
+    run_config = {"num-server-rounds": 2, "federated-eval-every": 1, "local-epochs": 1, "pgd-steps": 2, "eval-steps": 3,
                   "teacher-epochs": 1, "teacher-objective": "ce", "results-dir": str(tmp_path / "results"),
                   "teacher-cache-dir": str(tmp_path / "teachers"), **overrides}
     nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
-    grid = InProcessGrid({"train": train}, nodes, run_config)
+    grid = InProcessGrid({"train": train, "evaluate": evaluate}, nodes, run_config, shuffle_seed)
     main(grid, grid.contexts[100])
     [folder] = (tmp_path / "results").iterdir()
     return folder, json.loads((folder / "results.json").read_text())
@@ -29,6 +29,20 @@ def test_federation_writes_per_round_results(tmp_path):
     assert all(0 <= r["clean_acc"] <= 1 and 0 <= r["pgd_acc"] <= 1 for r in results["rounds"])
     assert results["config"] == RunConfig.from_mapping(results["config"]).to_dict()
     assert (folder / "accuracy.png").exists()
+    # Federated evaluation after every round: the mean over the 3 nodes and the worst of them.
+    for row in results["rounds"][1:]:
+        assert row["fed_num_clients"] == 3
+        assert 0 <= row["fed_worst_pgd_acc"] <= row["fed_pgd_acc"] <= 1
+        assert row["fed_worst_clean_acc"] <= row["fed_clean_acc"]
+
+
+def test_same_seed_same_per_round_metrics_whatever_the_reply_order(tmp_path):
+    """Two runs with one seed, their replies arriving in different orders: identical metrics."""
+    _, first = run_federation(tmp_path / "a", shuffle_seed=1, **{"num-server-rounds": 3})
+    _, second = run_federation(tmp_path / "b", shuffle_seed=2, **{"num-server-rounds": 3})
+    assert first["rounds"] == second["rounds"]
+    _, other_seed = run_federation(tmp_path / "c", seed=1, **{"num-server-rounds": 3})
+    assert other_seed["rounds"] != first["rounds"]
 
 
 def test_every_node_failing_leaves_the_initial_model_and_a_record(tmp_path):

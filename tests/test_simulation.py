@@ -42,7 +42,7 @@ def superlink(tmp_path):
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(http), "--control-api-address", f"127.0.0.1:{control}",
          "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
-         "--database", ":memory:", "--disable-runtime-dependency-installation"],
+         "--database", str(tmp_path / "superlink.db"), "--disable-runtime-dependency-installation"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -63,30 +63,63 @@ def superlink(tmp_path):
         log.close()
 
 
-def test_flwr_run_simulation_writes_results(superlink, tmp_path):
-    results_dir = tmp_path / "results"
-    app = tmp_path / "app"  # a copy without .venv, results/ or caches: what `flwr run` would package
-    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr")
-    shutil.copytree(ROOT, app, ignore=skip)
-    overrides = (f"num-server-rounds=2 local-epochs=1 teacher-epochs=2 teacher-objective='ce' "
-                 f"pgd-steps=3 eval-steps=5 teacher-cache-dir='{tmp_path / 'teachers'}' "
-                 f"results-dir='{results_dir}'")
+def flwr_run(env, app, results_dir, teachers, extra=""):
+    overrides = (f"num-server-rounds=3 local-epochs=1 teacher-epochs=2 teacher-objective='ce' "
+                 f"pgd-steps=3 eval-steps=5 federated-eval-every=2 teacher-cache-dir='{teachers}' "
+                 f"results-dir='{results_dir}' {extra}")
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(app), "test", "--stream",
          "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--run-config", overrides],
-        env=superlink, capture_output=True, text=True, timeout=400)
+        env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     deadline = time.time() + 60  # the stream can end a moment before the ServerApp's last write
     while time.time() < deadline and not list(results_dir.glob("*/results.json")):
         time.sleep(1)
     [folder] = list(results_dir.glob("*-pmafl-seed0"))
-    results = json.loads((folder / "results.json").read_text())
-    assert results["config"]["num-server-rounds"] == 2 and results["config"]["objective"] == "pmafl"
-    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture
+def app(tmp_path):
+    """A copy of the app without .venv, results/ or caches: what `flwr run` would package."""
+    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr", ".*cache")
+    shutil.copytree(ROOT, tmp_path / "app", ignore=skip)
+    return tmp_path / "app"
+
+
+def test_flwr_run_simulation_writes_results_and_repeats_them(superlink, app, tmp_path):
+    folder, results = flwr_run(superlink, app, tmp_path / "first", tmp_path / "teachers")
+    assert results["config"]["num-server-rounds"] == 3 and results["config"]["objective"] == "pmafl"
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
     for row in results["rounds"]:
         assert 0.0 <= row["clean_acc"] <= 1.0 and 0.0 <= row["pgd_acc"] <= 1.0
     for row in results["rounds"][1:]:
         assert row["failures"] == []
         assert {"loss", "loss_vkd", "loss_akd", "loss_alg"} <= set(row)
+    # Federated evaluation in round 2 (every 2nd) and 3 (the last), on all 3 nodes.
+    assert [r["round"] for r in results["rounds"] if "fed_pgd_acc" in r] == [2, 3]
+    assert all(r["fed_num_clients"] == 3 for r in results["rounds"] if "fed_pgd_acc" in r)
     assert (folder / "model.pt").stat().st_size > 0
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Same seed, same results: Ray hands nodes to worker processes in another order this time.
+    _, again = flwr_run(superlink, app, tmp_path / "second", tmp_path / "teachers")
+    assert again["rounds"] == results["rounds"]
+
+
+def test_comparison_grid_runs_a_cell_then_resumes_without_rerunning_it(superlink, app, tmp_path):
+    out = tmp_path / "grid"
+    command = [sys.executable, str(ROOT / "bench" / "compare.py"), "--methods", "ce", "--seeds", "0",
+               "--out", str(out), "--app", str(app), "--superlink", "test", "--supernodes", "3",
+               "--autoattack-n", "10", "--set", "num-server-rounds=2", "--set", "local-epochs=1",
+               "--set", "eval-steps=3", "--set", "federated-eval-every=1"]
+    first = subprocess.run(command, env=superlink, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    final = json.loads((out / "runs" / "ce_alpha0.5_seed0" / "final.json").read_text())
+    assert final["autoattack_n"] == 10 and final["num_examples"] == 359
+    assert 0 <= final["fed_worst_pgd_acc"] <= final["fed_pgd_acc"] <= 1
+    assert [r["round"] for r in final["rounds"]] == [0, 1, 2]
+    report = (out / "report.md").read_text()
+    assert f"| 0.5 | ce | 1 | {final['clean_acc']:.3f} ± 0.000 |" in report
+    again = subprocess.run(command, env=superlink, capture_output=True, text=True, timeout=100)
+    assert again.returncode == 0 and "1 already finished, 0 to run" in again.stdout
+    assert len(list((out / "runs" / "ce_alpha0.5_seed0" / "results").iterdir())) == 1

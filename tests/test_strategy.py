@@ -69,17 +69,53 @@ def test_aggregate_is_the_example_weighted_mean():
 
 
 def test_aggregate_does_not_depend_on_reply_order():
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
-    sent = configured(strategy)
+    """Bit for bit: a float64 sum cast to float32 still flips a last bit now and then with the
+    order of its terms, so replies are summed in an order fixed by their content."""
+    nodes = tuple(range(11, 19))
+    strategy = PMAFL(min_available_nodes=8, min_train_nodes=8)
     rng = np.random.default_rng(0)
-    replies = [reply(sent[i], {"w": rng.standard_normal((2, 3)).astype(np.float32) * 1e3,
-                               "b": rng.standard_normal(3).astype(np.float32) / 7}, n, loss=1.0)
-               for i, n in zip(sent, (17, 23, 61))]
-    forward, _ = strategy.aggregate_train(1, replies)
-    backward, _ = strategy.aggregate_train(1, replies[::-1])
-    for key in ("w", "b"):
-        assert forward[key].numpy().dtype == np.float32
-        assert np.array_equal(forward[key].numpy(), backward[key].numpy())
+    shapes = {"w": (200, 100), "b": (100,)}
+    sent = configured(strategy, nodes)
+    strategy._sent_shapes = shapes
+    replies = [reply(sent[i], {k: (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3)).astype(np.float32)
+                               for k, shape in shapes.items()},
+                     int(rng.integers(1, 100)), loss=float(rng.random()))
+               for i in nodes]
+    first, first_metrics = strategy.aggregate_train(1, replies)
+    for _ in range(5):
+        order = rng.permutation(len(replies))
+        arrays, metrics = strategy.aggregate_train(1, [replies[i] for i in order])
+        assert metrics["loss"] == first_metrics["loss"]
+        for key in shapes:
+            assert arrays[key].numpy().dtype == np.float32
+            assert np.array_equal(arrays[key].numpy(), first[key].numpy())
+
+
+def evaluate_reply(instruction, num_examples, **metrics):
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **metrics})}),
+                   reply_to=instruction)
+
+
+def test_federated_evaluation_reports_the_weighted_mean_and_the_worst_node():
+    strategy = PMAFL(evaluate_every=2, min_available_nodes=3, min_evaluate_nodes=3)
+    strategy.num_rounds = 10  # set by start()
+    sent = {m.metadata.dst_node_id: m for m in
+            strategy.configure_evaluate(4, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+    assert sorted(sent) == [11, 12, 13] and sent[11].content["config"]["eps"] == TrainConfig().eps
+    assert strategy.configure_evaluate(5, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13))) == []
+    assert len(strategy.configure_evaluate(10, _arrays(GLOBAL), ConfigRecord(),
+                                           FakeGrid((11, 12, 13)))) == 3  # the last round
+    scores = {11: (40, 0.9, 0.5), 12: (100, 0.8, 0.2), 13: (60, 0.95, 0.6)}
+    replies = [evaluate_reply(sent[n], k, clean_acc=c, pgd_acc=p, clean_loss=1.0)
+               for n, (k, c, p) in scores.items()]
+    replies.append(Message(Error(code=2, reason="boom"), reply_to=sent[13]))
+    metrics = strategy.aggregate_evaluate(4, replies[:2] + replies[3:])  # node 13 fails
+    assert metrics["clean_acc"] == pytest.approx((40 * 0.9 + 100 * 0.8) / 140)
+    assert metrics["worst-pgd_acc"] == 0.2 and metrics["worst-clean_acc"] == 0.8
+    assert metrics["num-clients"] == 2 and [f["node"] for f in strategy.failures[4]] == [13]
+    metrics = strategy.aggregate_evaluate(4, replies[:3])
+    assert metrics["pgd_acc"] == pytest.approx((40 * 0.5 + 100 * 0.2 + 60 * 0.6) / 200)
+    assert metrics["worst-pgd_acc"] == 0.2 and "worst-clean_loss" not in metrics
 
 
 def test_integer_arrays_stay_integers():

@@ -1,0 +1,249 @@
+"""Compare methods on the same splits: a grid of objectives x seeds x Dirichlet alphas, each cell a
+real `flwr run` (Ray simulation) followed by the attack suite on its final global model.
+
+    python bench/compare.py                                      # ce, pgd-at, trades, pmafl; 3 seeds
+    python bench/compare.py --methods pmafl,mart --alphas 0.1,0.5 --seeds 0,1
+    python bench/compare.py --report-only                        # rebuild the report from disk
+
+Each cell gets a folder `<out>/runs/<method>_alpha<a>_seed<s>/` holding the run's log, its results
+folder and `final.json` (clean, PGD-20, CW and AutoAttack accuracy of the final model, with the
+eps sweep). A cell with `final.json` is finished and is skipped when the command runs again, so an
+interrupted grid resumes where it stopped; a cell whose run finished but was not yet evaluated is
+only evaluated. The report (`<out>/report.md`: mean +- std over seeds; `<out>/rounds.png`: test
+accuracy per round per method; `<out>/robust_vs_clean.png`) is rebuilt from every finished cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pmafl.config import OBJECTIVES, RunConfig  # noqa: E402
+from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
+
+COLUMNS = (("clean_acc", "clean"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW"),
+           ("autoattack_acc", "AutoAttack"), ("fed_worst_pgd_acc", "worst node PGD-20"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    alpha: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_alpha{self.alpha:g}_seed{self.seed}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--methods", default="ce,pgd-at,trades,pmafl",
+                        help=f"comma-separated objectives, from {', '.join(OBJECTIVES)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--alphas", default="0.5", help="comma-separated Dirichlet alphas (default 0.5)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "compare",
+                        help="grid folder (default: results/compare)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override for every cell, TOML value syntax "
+                             "(e.g. num-server-rounds=10); repeatable")
+    parser.add_argument("--supernodes", type=int, default=10, help="simulated SuperNodes (default 10)")
+    parser.add_argument("--superlink", default="",
+                        help="SuperLink connection name from flwr's config (default: flwr's default)")
+    parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app (default: this repo)")
+    parser.add_argument("--autoattack-n", type=int, default=0,
+                        help="test images AutoAttack runs on (default 0: all of the test split)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(OBJECTIVES))
+    if unknown:
+        parser.error(f"--methods: unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    try:
+        args.cells = [Cell(m, float(a), int(s)) for a in args.alphas.split(",") if a
+                      for m in methods for s in args.seeds.split(",") if s]
+    except ValueError as e:
+        parser.error(f"--seeds / --alphas: {e}")
+    # Validate the overrides now, not after an hour of grid.
+    overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.set)
+    import tomllib
+
+    try:
+        values = {k: tomllib.loads(f"v = {v}")["v"] for k, v in overrides.items()}
+    except tomllib.TOMLDecodeError as e:
+        parser.error(f"--set: values use TOML syntax (strings in quotes): {e}")
+    RunConfig.from_mapping({**values, "objective": methods[0]}, where="--set")
+    args.overrides = overrides
+    return args
+
+
+def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
+    items = {**overrides, "objective": f"'{cell.method}'", "seed": str(cell.seed),
+             "dirichlet-alpha": repr(cell.alpha), "results-dir": f"'{results_dir}'"}
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
+    """One `flwr run` of the cell; returns its results folder."""
+    results_dir = (folder / "results").resolve()
+    existing = sorted(results_dir.glob("*/results.json"))
+    if existing:  # run finished before, evaluation did not
+        return existing[-1].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
+               "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1",
+               "--run-config", run_config(cell, args.overrides, results_dir)]
+    (folder / "command.txt").write_text(" ".join(command) + "\n")
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with (folder / "log.txt").open("w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    deadline = time.time() + 60  # the log stream can end a moment before the last write
+    while time.time() < deadline and not list(results_dir.glob("*/results.json")):
+        time.sleep(1)
+    found = sorted(results_dir.glob("*/results.json"))
+    if code != 0 or not found:
+        raise RuntimeError(f"cell {cell.name}: flwr run exited with {code} and wrote "
+                           f"{'no' if not found else 'a'} results.json; see {folder / 'log.txt'}")
+    return found[-1].parent
+
+
+def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
+    """Run the cell if needed, then the attack suite on its final model; writes final.json."""
+    results = run_cell(cell, folder, args)
+    argv = [str(results / "model.pt"), "--attacks", "pgd20,cw,autoattack",
+            "--autoattack-n", str(args.autoattack_n or 10**9), "--out", str(folder / "suite.json")]
+    suite = evaluate_model_file(argv)
+    rounds = json.loads((results / "results.json").read_text())["rounds"]
+    last = rounds[-1]
+    final = {"cell": cell.__dict__, "results": str(results), **suite,
+             "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),
+             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "pgd_acc")} for r in rounds]}
+    # Written last and atomically: its presence marks the cell finished.
+    tmp = folder / "final.json.tmp"
+    tmp.write_text(json.dumps(final, indent=2))
+    tmp.replace(folder / "final.json")
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def report(out: Path, cells: list[Cell]) -> str:
+    """report.md, rounds.png and robust_vs_clean.png from every finished cell of `cells`."""
+    finals: dict[Cell, dict[str, Any]] = {}
+    for cell in cells:
+        path = out / "runs" / cell.name / "final.json"
+        if path.is_file():
+            finals[cell] = json.loads(path.read_text())
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        if cell in finals:
+            groups.setdefault((cell.alpha, cell.method), []).append(finals[cell])
+    lines = ["| Dirichlet alpha | method | seeds | " + " | ".join(c[1] for c in COLUMNS)
+             + " | masking warnings |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |"]
+    for (alpha, method), runs in sorted(groups.items()):
+        cols = [mean_std([r[key] for r in runs if r.get(key) is not None]) for key, _ in COLUMNS]
+        warnings = sum(len(r["gradient_masking_warnings"]) for r in runs)
+        lines.append(f"| {alpha:g} | {method} | {len(runs)} | " + " | ".join(cols) + f" | {warnings} |")
+    any_final = next(iter(finals.values()), None)
+    header = [f"# Comparison: {len(finals)} of {len(cells)} cells finished", ""]
+    if any_final:
+        aa_n = max(r.get("autoattack_n", 0) for r in finals.values())
+        header += [f"Final global model of each run on the {any_final['dataset']} test split "
+                   f"({any_final['num_examples']} images; AutoAttack on {aa_n}), L_inf eps "
+                   f"{any_final['eps']:g}; mean ± std over seeds. Worst node: the lowest PGD-20 "
+                   "accuracy among the nodes' local test splits (federated evaluation, last round).", ""]
+    missing = [c.name for c in cells if c not in finals]
+    text = "\n".join(header + lines + ([""] + [f"Not finished: {', '.join(missing)}"] if missing else []))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text + "\n")
+    if groups:
+        plot(out, groups)
+    return text
+
+
+def plot(out: Path, groups: dict[tuple[float, str], list[dict[str, Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_clean, ax_pgd) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for (alpha, method), runs in sorted(groups.items()):
+        label = f"{method} (alpha {alpha:g})"
+        rounds = [r["round"] for r in runs[0]["rounds"]]
+        for ax, key in ((ax_clean, "clean_acc"), (ax_pgd, "pgd_acc")):
+            values = np.array([[row[key] for row in r["rounds"]] for r in runs if len(r["rounds"]) == len(rounds)])
+            mean = values.mean(axis=0)
+            line, = ax.plot(rounds, mean, label=label)
+            ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+    ax_clean.set(title="clean test accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1))
+    ax_pgd.set(title="PGD-20 test accuracy", xlabel="round", ylim=(0, 1))
+    for ax in (ax_clean, ax_pgd):
+        ax.grid(alpha=0.3)
+    ax_pgd.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for (alpha, method), runs in sorted(groups.items()):
+        clean = [r["clean_acc"] for r in runs]
+        robust = [r["pgd20_acc"] for r in runs]
+        ax.errorbar(np.mean(clean), np.mean(robust), xerr=np.std(clean), yerr=np.std(robust),
+                    fmt="o", capsize=3, label=f"{method} (alpha {alpha:g})")
+    ax.set(xlabel="clean accuracy", ylabel="PGD-20 accuracy", title="robust vs clean (final model)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "robust_vs_clean.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    failed = []
+    if not args.report_only:
+        todo = [c for c in args.cells if not (args.out / "runs" / c.name / "final.json").is_file()]
+        print(f"grid: {len(args.cells)} cells, {len(args.cells) - len(todo)} already finished, "
+              f"{len(todo)} to run; folder {args.out}", flush=True)
+        start = time.time()
+        for i, cell in enumerate(todo, 1):
+            folder = args.out / "runs" / cell.name
+            print(f"[{i}/{len(todo)}] {cell.name}: flwr run + attack suite (log: {folder / 'log.txt'})",
+                  flush=True)
+            try:
+                finish_cell(cell, folder, args)
+            except RuntimeError as e:  # one failed cell does not stop the grid
+                print(f"[{i}/{len(todo)}] FAILED: {e}", flush=True)
+                failed.append(cell.name)
+            per_cell = (time.time() - start) / i
+            print(f"[{i}/{len(todo)}] done; {time.time() - start:.0f}s elapsed, about "
+                  f"{per_cell * (len(todo) - i):.0f}s left", flush=True)
+    text = report(args.out, args.cells)
+    print(text)
+    print(f"Report: {args.out / 'report.md'} (plots: rounds.png, robust_vs_clean.png)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

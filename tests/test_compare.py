@@ -1,0 +1,60 @@
+"""bench/compare.py: the report from finished cells, and argument checks. (A real grid cell runs in
+tests/test_simulation.py.)"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import compare  # noqa: E402
+
+
+def write_final(out, cell, clean, pgd, worst):
+    folder = out / "runs" / cell.name
+    folder.mkdir(parents=True)
+    final = {"cell": cell.__dict__, "dataset": "digits", "num_examples": 359, "eps": 0.2,
+             "clean_acc": clean, "pgd20_acc": pgd, "cw_acc": pgd - 0.01, "autoattack_acc": pgd - 0.05,
+             "autoattack_n": 359, "fed_worst_pgd_acc": worst, "gradient_masking_warnings": [],
+             "rounds": [{"round": r, "clean_acc": clean * r / 2, "pgd_acc": pgd * r / 2} for r in range(3)]}
+    (folder / "final.json").write_text(json.dumps(final))
+
+
+def test_report_is_mean_and_std_over_seeds_of_finished_cells(tmp_path):
+    cells = [compare.Cell(m, 0.5, s) for m in ("pgd-at", "pmafl") for s in (0, 1, 2)]
+    numbers = {("pgd-at", 0): (0.95, 0.47, 0.3), ("pgd-at", 1): (0.93, 0.45, 0.2),
+               ("pmafl", 0): (0.95, 0.49, 0.35), ("pmafl", 1): (0.94, 0.50, 0.25),
+               ("pmafl", 2): (0.96, 0.52, 0.40)}  # pgd-at seed 2 is not finished
+    for cell in cells:
+        if (cell.method, cell.seed) in numbers:
+            write_final(tmp_path, cell, *numbers[cell.method, cell.seed])
+    text = compare.report(tmp_path, cells)
+    pmafl_pgd = [0.49, 0.50, 0.52]
+    expected = f"{statistics.mean(pmafl_pgd):.3f} ± {statistics.stdev(pmafl_pgd):.3f}"
+    [pmafl_row] = [line for line in text.splitlines() if "| pmafl |" in line]
+    assert pmafl_row.split(" | ")[4] == expected == "0.503 ± 0.015"
+    [pgd_row] = [line for line in text.splitlines() if "| pgd-at |" in line]
+    assert "| 2 |" in pgd_row and "0.940 ± 0.014" in pgd_row  # clean: mean 0.94, std 0.01414
+    assert "Not finished: pgd-at_alpha0.5_seed2" in text
+    assert (tmp_path / "report.md").read_text().strip() == text.strip()
+    for plot in ("rounds.png", "robust_vs_clean.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_arguments_are_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--methods", "pmafl,fedprox"])
+    assert "unknown objective 'fedprox'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="'alpha'"):
+        compare.parse_args(["--set", "alpha=3"])
+
+
+def test_grid_cells_cover_methods_seeds_and_alphas():
+    args = compare.parse_args(["--methods", "ce,pmafl", "--seeds", "0,1", "--alphas", "0.1,0.5",
+                               "--set", "num-server-rounds=3"])
+    assert len(args.cells) == 8 and {c.alpha for c in args.cells} == {0.1, 0.5}
+    cell = compare.Cell("pmafl", 0.1, 1)
+    assert compare.run_config(cell, args.overrides, Path("/r")) == (
+        "num-server-rounds=3 objective='pmafl' seed=1 dirichlet-alpha=0.1 results-dir='/r'")
