@@ -192,10 +192,12 @@ def plot(out: Path, groups: dict[tuple[float, str], list[dict[str, Any]]]) -> No
         label = f"{method} (alpha {alpha:g})"
         rounds = [r["round"] for r in runs[0]["rounds"]]
         for ax, key in ((ax_clean, "clean_acc"), (ax_pgd, "pgd_acc")):
-            values = np.array([[row[key] for row in r["rounds"]] for r in runs if len(r["rounds"]) == len(rounds)])
+            values = np.array([[row[key] for row in r["rounds"]] for r in runs
+                               if len(r["rounds"]) == len(rounds)])
             mean = values.mean(axis=0)
             line, = ax.plot(rounds, mean, label=label)
-            ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+            ax.fill_between(rounds, values.min(axis=0), values.max(axis=0), color=line.get_color(),
+                            alpha=0.15)
     ax_clean.set(title="clean test accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1))
     ax_pgd.set(title="PGD-20 test accuracy", xlabel="round", ylim=(0, 1))
     for ax in (ax_clean, ax_pgd):

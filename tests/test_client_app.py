@@ -101,7 +101,8 @@ def test_evaluate_handler_scores_the_local_test_split(tmp_path):
     # 1/10 of the 359 test images is 35: the floor of 100 applies, in the partition's proportions.
     assert metrics["num-examples"] == len(split) == 100
     partition = np.bincount(client_split(cfg, data, 3, 10).labels.numpy(), minlength=10)
-    assert set(np.flatnonzero(np.bincount(split.labels.numpy(), minlength=10))) <= set(np.flatnonzero(partition))
+    classes = np.flatnonzero(np.bincount(split.labels.numpy(), minlength=10))
+    assert set(classes) <= set(np.flatnonzero(partition))
     images, labels = split.tensors()
     torch.manual_seed(0)
     clean = evaluate_model(model, images, labels, 0.1, 0.03, cfg.eval_steps)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmafl.data import local_test_indices, load_dataset, partition_indices
+from pmafl.data import load_dataset, local_test_indices, partition_indices
 
 
 def test_digits_splits_are_disjoint_and_cover_the_data():

@@ -12,7 +12,8 @@ from server_app.app import main
 
 
 def run_federation(tmp_path, shuffle_seed=None, **overrides):
-    run_config = {"num-server-rounds": 2, "federated-eval-every": 1, "local-epochs": 1, "pgd-steps": 2, "eval-steps": 3,
+    run_config = {"num-server-rounds": 2, "federated-eval-every": 1, "local-epochs": 1, "pgd-steps": 2,
+                  "eval-steps": 3,
                   "teacher-epochs": 1, "teacher-objective": "ce", "results-dir": str(tmp_path / "results"),
                   "teacher-cache-dir": str(tmp_path / "teachers"), **overrides}
     nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
