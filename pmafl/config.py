@@ -187,6 +187,8 @@ class RunConfig:
     eval_steps: int = option(20, "PGD steps of the central robust evaluation (PGD-20).", low=1)
     results_dir: str = option("results", "Where each run writes its results folder (relative "
                               "paths resolve against the app folder).")
+    resume_from: str = option("", "Results folder of an interrupted run: continue after the last "
+                              "round its checkpoint holds, with the same run config otherwise.")
     device: str = option("auto", "`auto` (CUDA when present), `cpu` or `cuda`.", choices=DEVICES)
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": None})
 

@@ -1,4 +1,5 @@
-"""A run's results folder: results.json, the final global model, and an accuracy plot."""
+"""A run's results folder: results.json, the final global model, an accuracy plot, and the
+checkpoint written after every round (from which an interrupted run resumes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pmafl.files import write_atomic
+
+CHECKPOINT = "checkpoint.pt"
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("resume-from", "results-dir", "round-timeout", "num-server-rounds")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not belong to the run that resumes it."""
 
 
 def new_results_folder(results_dir: str | Path, objective: str, seed: int) -> Path:
@@ -29,6 +40,40 @@ def write_results(folder: Path, config: dict[str, Any], rounds: list[dict[str, A
     torch.save(model.state_dict(), folder / "model.pt")
     title = f"{config.get('objective')} on {config.get('dataset')}"
     plot_accuracy(rounds, folder / "accuracy.png", title=title)
+
+
+def save_checkpoint(folder: Path, server_round: int, state_dict: dict[str, torch.Tensor],
+                    rounds: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """`folder/checkpoint.pt` after `server_round`: the global model, the per-round rows so far and
+    the run config. Written atomically: a crash while writing leaves the previous checkpoint."""
+    payload = {"round": server_round, "model": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "rounds": json.dumps(rounds), "config": json.dumps(config)}
+    write_atomic(Path(folder) / CHECKPOINT, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint in results folder (or file) `path`, checked against the resuming run's
+    `config`: {"folder", "round", "model", "rounds", "config"}."""
+    path = Path(path).expanduser()
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"run config key 'resume-from': no checkpoint at {file}")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+        saved = json.loads(payload["config"])
+        payload.update(rounds=json.loads(payload["rounds"]), config=saved, folder=file.parent)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same answer
+        raise CheckpointError(f"run config key 'resume-from': {file} is not a readable checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+    for key in sorted(set(saved) | set(config)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != config.get(key):
+            raise CheckpointError(f"run config key '{key}' is {config.get(key)!r} but the checkpoint "
+                                  f"{file} was written with {saved.get(key)!r}; resume with the "
+                                  "interrupted run's config")
+    if payload["round"] >= config["num-server-rounds"]:
+        raise CheckpointError(f"run config key 'resume-from': {file} is from round {payload['round']}, "
+                              f"the run has only {config['num-server-rounds']} rounds: nothing to resume")
+    return payload
 
 
 def plot_accuracy(rounds: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -10,11 +10,9 @@ that simulated clients sharing one cache build it once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from torch import nn
 from pmafl.config import TrainConfig
 from pmafl.data import FederatedData, make_loader
 from pmafl.evaluate import evaluate
+from pmafl.files import file_sha256, write_atomic
 from pmafl.models import create_model
 from pmafl.train import pmafl_train
 
@@ -46,37 +45,26 @@ def teacher_path(cache_dir: str | Path, dataset: str, model: str) -> Path:
     return cache_dir / f"{dataset}--{model.replace('/', '_')}.pt"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> str:
     """Store `model`'s state dict at `path` with its metadata; return the file's sha256.
 
     `meta` needs `model`, `num_classes`, `in_channels`, `mean` and `std` (to rebuild it)."""
-    _write_atomic(path, lambda f: torch.save(model.state_dict(), f))
+    write_atomic(path, lambda f: torch.save(model.state_dict(), f))
+    return write_record(path, meta)
+
+
+def copy_teacher(source: Path, path: Path, meta: dict[str, Any]) -> str:
+    """Store the exact bytes of the teacher file `source` at `path` with its metadata; return the
+    sha256, which is then the same on every node seeded from that file."""
+    write_atomic(path, lambda f: f.write(source.read_bytes()))
+    return write_record(path, meta)
+
+
+def write_record(path: Path, meta: dict[str, Any]) -> str:
+    """The `.json` record beside the teacher file `path`: `meta` plus its sha256."""
     sha256 = file_sha256(path)
     record = {**meta, "sha256": sha256, "file": path.name}
-    _write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
     return sha256
 
 

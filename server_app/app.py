@@ -1,5 +1,6 @@
 """ServerApp: validates the run config, runs the PM-AFL strategy with central (clean + PGD-20)
-evaluation of the global model after every round, and writes the results folder."""
+evaluation of the global model after every round, checkpoints every round into the results
+folder (`resume-from` continues an interrupted run from it), and writes the results."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from flwr.supercore import log
 from pmafl.config import RunConfig
 from pmafl.data import Split
 from pmafl.evaluate import evaluate
-from pmafl.results import new_results_folder, write_results
-from pmafl.task import build_model, load_data, resolve_device
+from pmafl.results import load_checkpoint, new_results_folder, save_checkpoint, write_results
+from pmafl.task import build_model, client_seed, load_data, resolve_device
 from strategies import PMAFL
 
 app = ServerApp()
@@ -36,6 +37,8 @@ class CentralEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         train = self.cfg.train
+        # PGD's random start is seeded per round: a resumed run evaluates as an uninterrupted one.
+        torch.manual_seed(client_seed(self.cfg.seed, server_round, -1))
         scores = evaluate(self.model, self.images, self.labels, train.eps, train.pgd_step,
                           self.cfg.eval_steps, self.cfg.batch_size * 8)
         now = time.time()
@@ -54,20 +57,17 @@ class CentralEvaluator:
         return MetricRecord(scores)
 
 
-def collect_rounds(result: Any, strategy: PMAFL, num_rounds: int) -> list[dict[str, Any]]:
-    """One dict a round: central scores, mean local loss terms, federated evaluation (`fed_`
-    keys: mean and worst node) when it ran, and the nodes left out."""
-    rounds = []
-    for r in range(num_rounds + 1):
-        row: dict[str, Any] = {"round": r}
-        row.update(result.evaluate_metrics_serverapp.get(r, {}))
-        train = result.train_metrics_clientapp.get(r, {})
-        row.update({key.replace("-", "_"): value for key, value in train.items()})
-        federated = result.evaluate_metrics_clientapp.get(r, {})
-        row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
-        row["failures"] = strategy.failures.get(r, [])
-        rounds.append(row)
-    return rounds
+def round_row(server_round: int, result: Any, strategy: PMAFL) -> dict[str, Any]:
+    """One round's row: central scores, mean local loss terms, federated evaluation (`fed_` keys:
+    mean and worst node) when it ran, and the nodes left out."""
+    row: dict[str, Any] = {"round": server_round}
+    row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
+    train = result.train_metrics_clientapp.get(server_round, {})
+    row.update({key.replace("-", "_"): value for key, value in train.items()})
+    federated = result.evaluate_metrics_clientapp.get(server_round, {})
+    row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
+    row["failures"] = strategy.failures.get(server_round, [])
+    return row
 
 
 @app.main()
@@ -79,21 +79,36 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg, data).to(device)
     log(INFO, "pmafl: objective %s, dataset %s (%d pool / %d public / %d test images), model %s",
         cfg.train.objective, cfg.dataset, len(data.pool), len(data.public), len(data.test), cfg.model)
+    rows: list[dict[str, Any]] = []
+    start_round = 1
+    if cfg.resume_from:
+        checkpoint = load_checkpoint(cfg.resume_from, cfg.to_dict())  # stops here if it does not fit
+        folder, rows, start_round = checkpoint["folder"], checkpoint["rounds"], checkpoint["round"] + 1
+        model.load_state_dict(checkpoint["model"])
+        log(INFO, "Resuming %s after round %d", folder, checkpoint["round"])
+    else:
+        folder = new_results_folder(Path(cfg.results_dir), cfg.train.objective, cfg.seed)
 
     strategy = PMAFL(train_config=cfg.train, evaluate_every=cfg.federated_eval_every,
                      fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
+
+    def on_round_end(server_round: int, arrays: ArrayRecord, result: Any) -> None:
+        if not rows:
+            rows.append(round_row(0, result, strategy))
+        rows.append(round_row(server_round, result, strategy))
+        save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict())
+
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            evaluate_fn=CentralEvaluator(model, data.test, cfg))
+                            evaluate_fn=CentralEvaluator(model, data.test, cfg),
+                            start_round=start_round, on_round_end=on_round_end)
 
     if len(result.arrays) > 0:  # empty when no round produced a valid aggregate
         model.load_state_dict(result.arrays.to_torch_state_dict())
-    rounds = collect_rounds(result, strategy, cfg.num_server_rounds)
-    folder = new_results_folder(Path(cfg.results_dir), cfg.train.objective, cfg.seed)
-    write_results(folder, cfg.to_dict(), rounds, model)
-    first, last = rounds[0], rounds[-1]
+    write_results(folder, cfg.to_dict(), rows, model)
+    first, last = rows[0], rows[-1]
     log(INFO, "Summary: %s on %s, %d rounds: clean acc %.3f -> %.3f, PGD-%d acc %.3f -> %.3f",
         cfg.train.objective, cfg.dataset, cfg.num_server_rounds, first["clean_acc"],
         last["clean_acc"], cfg.eval_steps, first["pgd_acc"], last["pgd_acc"])

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from inprocess import InProcessGrid
 
 from client_app.app import evaluate, train
 from pmafl.config import RunConfig
+from pmafl.results import CheckpointError, load_checkpoint, save_checkpoint
 from pmafl.task import build_model, load_data
 from server_app.app import main
 
@@ -56,3 +58,61 @@ def test_every_node_failing_leaves_the_initial_model_and_a_record(tmp_path):
     initial = build_model(cfg, load_data(cfg)).state_dict()
     saved = torch.load(folder / "model.pt")
     assert all(torch.equal(initial[k], saved[k]) for k in initial)
+
+
+class CrashAt(InProcessGrid):
+    """Dies like a killed ServerApp when the train messages of round `crash_round` are sent."""
+
+    def __init__(self, crash_round, *args):
+        super().__init__(*args)
+        self.crash_round = crash_round
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train" and \
+                messages[0].content["config"]["server-round"] == self.crash_round:
+            raise SystemExit("killed")
+        return super().send_and_receive(messages, timeout)
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_metrics(tmp_path):
+    _, uninterrupted = run_federation(tmp_path / "a", **{"num-server-rounds": 3})
+    run_config = {"num-server-rounds": 3, "federated-eval-every": 1, "local-epochs": 1, "pgd-steps": 2,
+                  "eval-steps": 3, "teacher-epochs": 1, "teacher-objective": "ce",
+                  "results-dir": str(tmp_path / "b"), "teacher-cache-dir": str(tmp_path / "a" / "teachers")}
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
+    grid = CrashAt(3, {"train": train, "evaluate": evaluate}, nodes, run_config)
+    with pytest.raises(SystemExit):
+        main(grid, grid.contexts[100])
+    [folder] = (tmp_path / "b").iterdir()
+    assert not (folder / "results.json").exists()
+    checkpoint = load_checkpoint(folder, RunConfig.from_mapping(run_config).to_dict())
+    assert checkpoint["round"] == 2 and [r["round"] for r in checkpoint["rounds"]] == [0, 1, 2]
+    # A different config is refused, naming the key.
+    with pytest.raises(CheckpointError, match="key 'lr' is 0.01 but the checkpoint"):
+        load_checkpoint(folder, RunConfig.from_mapping({**run_config, "lr": 0.01}).to_dict())
+    resumed = {**run_config, "resume-from": str(folder)}
+    grid = InProcessGrid({"train": train, "evaluate": evaluate}, nodes, resumed, shuffle_seed=3)
+    main(grid, grid.contexts[100])
+    results = json.loads((folder / "results.json").read_text())
+    assert results["rounds"] == uninterrupted["rounds"]
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    config = RunConfig().to_dict()
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, [{"round": 0}, {"round": 1}], config)
+
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, [], config)
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(tmp_path, config)
+    assert checkpoint["round"] == 1 and torch.equal(checkpoint["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        load_checkpoint(tmp_path, config)

@@ -76,3 +76,43 @@ def test_ensure_teacher_builds_once_then_reuses(tmp_path):
     assert again == sha256 and path.stat().st_mtime_ns == built
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["dataset"] == "digits" and 0.0 <= record["test_clean_acc"] <= 1.0
+
+
+def test_seed_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, capsys):
+    from pmafl.teacher_cli import main
+
+    model, source, sha256 = saved_teacher(tmp_path / "elsewhere")
+    record = json.loads(source.with_suffix(".json").read_text())
+    source.with_suffix(".json").write_text(json.dumps({**record, "dataset": "digits"}))
+    assert main(["seed", str(source), "--cache-dir", str(tmp_path / "node")]) == 0
+    out = capsys.readouterr().out
+    assert f"sha256 {sha256}" in out and f"teacher-sha256='{sha256}'" in out
+    target = teacher_path(tmp_path / "node", "digits", "cnn-small")
+    assert target.read_bytes() == source.read_bytes()
+    loaded, loaded_sha = load_teacher(target, 10, sha256)  # what a node's run does
+    assert loaded_sha == sha256
+    assert main(["show", "--cache-dir", str(tmp_path / "node")]) == 0
+    assert f"ok           {sha256}" in capsys.readouterr().out
+
+
+def test_seed_command_refuses_bad_files_with_the_reason(tmp_path, capsys):
+    from pmafl.teacher_cli import main
+
+    _, source, _ = saved_teacher(tmp_path / "elsewhere")
+    bare = tmp_path / "weights.pt"
+    bare.write_bytes(source.read_bytes())
+    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node")]) == 1
+    assert "pass --dataset and --model" in capsys.readouterr().err
+    # No record: the architecture comes from the flags, and must fit the weights.
+    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--dataset", "digits",
+                 "--model", "cnn-large"]) == 1
+    assert "is not a state dict of 'cnn-large' for digits" in capsys.readouterr().err
+    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--dataset", "digits",
+                 "--model", "cnn-small"]) == 0
+    assert f"sha256 {file_sha256(bare)}" in capsys.readouterr().out
+    # A file that no longer matches its own record is refused.
+    with source.open("ab") as f:
+        f.write(b"x")
+    assert main(["seed", str(source), "--cache-dir", str(tmp_path / "other")]) == 1
+    assert "does not match the sha256" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
