@@ -14,6 +14,7 @@ and SVHN through torchvision. All four download only when `download` is true.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ class FederatedData:
 
 
 def default_data_dir() -> Path:
-    return Path.home() / ".cache" / "pmafl" / "data"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pmafl" / "data"
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,7 +2,7 @@
 
 import json
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,6 +25,17 @@ def free_ports(n):
     for s in sockets:
         s.close()
     return ports
+
+
+def wait_for_port(port, log, timeout=60):
+    """Until something listens on 127.0.0.1:`port`; fails with the tail of `log()` otherwise."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"nothing listens on port {port} after {timeout}s: {log()[-2000:]}")
 
 
 @pytest.fixture
@@ -45,14 +57,7 @@ def superlink(tmp_path):
          "--database", str(tmp_path / "superlink.db"), "--disable-runtime-dependency-installation"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", http)) == 0:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"SuperLink did not start: {(tmp_path / 'superlink.log').read_text()[-2000:]}")
+        wait_for_port(http, lambda: (tmp_path / "superlink.log").read_text())
         yield env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -63,28 +68,23 @@ def superlink(tmp_path):
         log.close()
 
 
-def flwr_run(env, app, results_dir, teachers, extra=""):
+def flwr_run_command(app, results_dir, teachers, extra=""):
     overrides = (f"num-server-rounds=3 local-epochs=1 teacher-epochs=2 teacher-objective='ce' "
                  f"pgd-steps=3 eval-steps=5 federated-eval-every=2 teacher-cache-dir='{teachers}' "
                  f"results-dir='{results_dir}' {extra}")
-    run = subprocess.run(
-        [str(BIN / "flwr"), "run", str(app), "test", "--stream",
-         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--run-config", overrides],
-        env=env, capture_output=True, text=True, timeout=400)
+    return [str(BIN / "flwr"), "run", str(app), "test", "--stream", "--federation-config",
+            "num-supernodes=3 client-resources-num-cpus=1", "--run-config", overrides]
+
+
+def flwr_run(env, app, results_dir, teachers, extra=""):
+    run = subprocess.run(flwr_run_command(app, results_dir, teachers, extra), env=env,
+                         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     deadline = time.time() + 60  # the stream can end a moment before the ServerApp's last write
     while time.time() < deadline and not list(results_dir.glob("*/results.json")):
         time.sleep(1)
-    [folder] = list(results_dir.glob("*-pmafl-seed0"))
+    [folder] = [p.parent for p in results_dir.glob("*-pmafl-seed0/results.json")]
     return folder, json.loads((folder / "results.json").read_text())
-
-
-@pytest.fixture
-def app(tmp_path):
-    """A copy of the app without .venv, results/ or caches: what `flwr run` would package."""
-    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr", ".*cache")
-    shutil.copytree(ROOT, tmp_path / "app", ignore=skip)
-    return tmp_path / "app"
 
 
 def test_flwr_run_simulation_writes_results_and_repeats_them(superlink, app, tmp_path):
@@ -104,6 +104,43 @@ def test_flwr_run_simulation_writes_results_and_repeats_them(superlink, app, tmp
     # Same seed, same results: Ray hands nodes to worker processes in another order this time.
     _, again = flwr_run(superlink, app, tmp_path / "second", tmp_path / "teachers")
     assert again["rounds"] == results["rounds"]
+
+    # The ServerApp killed after round 1's checkpoint, then resumed: the same rounds again.
+    killed_dir = tmp_path / "killed"
+    run = subprocess.Popen(flwr_run_command(app, killed_dir, tmp_path / "teachers"), env=superlink,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(killed_dir.glob("*/checkpoint.pt")):
+            time.sleep(0.2)
+        killed = kill_serverapp(superlink)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert killed, "no ServerApp process found to kill"
+    [folder] = [p.parent for p in killed_dir.glob("*/checkpoint.pt")]
+    assert not (folder / "results.json").exists()
+    resumed_round = torch.load(folder / "checkpoint.pt", weights_only=True)["round"]
+    assert resumed_round < 3
+    _, resumed = flwr_run(superlink, app, killed_dir, tmp_path / "teachers",
+                          extra=f"resume-from='{folder}'")
+    assert resumed["rounds"] == results["rounds"]
+
+
+def kill_serverapp(env):
+    """SIGKILL the simulation process (ServerApp and ClientApps) serving our SuperLink."""
+    home = Path(env["FLWR_HOME"]) / "config.toml"
+    port = re.search(r'address = "127.0.0.1:(\d+)"', home.read_text()).group(1)
+    killed = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flwr-simulation" in cmdline and f"127.0.0.1:{port}" in cmdline:
+            os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+    return killed
 
 
 def test_comparison_grid_runs_a_cell_then_resumes_without_rerunning_it(superlink, app, tmp_path):
