@@ -171,8 +171,21 @@ def test_tls_authenticated_federation_survives_faults(deployment, app, tmp_path)
              "node 1 to receive its round-2 train message")
     procs.kill("node1")
     procs.kill("node1-superexec")
-    # It keeps trying until the SuperLink has noticed that its first incarnation is gone.
-    start_supernode(procs, "node1-again", creds, http, 1, ports[5], node_config(1), retries=100)
+    # The SuperLink refuses the same key while it still counts the first incarnation as online
+    # (until 2 heartbeats of 30 s are missed): restart it until it is admitted, as compose's
+    # `restart: unless-stopped` does.
+    deadline = time.time() + 240
+    while True:
+        node = start_supernode(procs, "node1-again", creds, http, 1, ports[5], node_config(1))
+        try:
+            node.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            break  # admitted: it is running
+        assert "Failed to activate SuperNode" in procs.log("node1-again")
+        assert time.time() < deadline, "node 1 was never admitted again"
+        procs.procs.pop("node1-again")
+        procs.kill("node1-again-superexec")
+        time.sleep(5)
     assert run.wait(timeout=400) == 0, procs.log("flwr-run")[-3000:]
     wait_for(lambda: list(results_dir.glob("*/results.json")), 60, "results.json")
     [folder] = list(results_dir.glob("*/results.json"))
