@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pmafl.config import OBJECTIVES, RunConfig  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
+from pmafl.results import latest_folder  # noqa: E402
 
 COLUMNS = (("clean_acc", "clean"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW"),
            ("autoattack_acc", "AutoAttack"), ("fed_worst_pgd_acc", "worst node PGD-20"))
@@ -99,9 +100,9 @@ def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
 def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
     """One `flwr run` of the cell; returns its results folder."""
     results_dir = (folder / "results").resolve()
-    existing = sorted(results_dir.glob("*/results.json"))
+    existing = latest_folder(results_dir)
     if existing:  # run finished before, evaluation did not
-        return existing[-1].parent
+        return existing
     folder.mkdir(parents=True, exist_ok=True)
     command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
                "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1",
@@ -112,13 +113,13 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
     with (folder / "log.txt").open("w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     deadline = time.time() + 60  # the log stream can end a moment before the last write
-    while time.time() < deadline and not list(results_dir.glob("*/results.json")):
+    while time.time() < deadline and not latest_folder(results_dir):
         time.sleep(1)
-    found = sorted(results_dir.glob("*/results.json"))
+    found = latest_folder(results_dir)
     if code != 0 or not found:
         raise RuntimeError(f"cell {cell.name}: flwr run exited with {code} and wrote "
                            f"{'no' if not found else 'a'} results.json; see {folder / 'log.txt'}")
-    return found[-1].parent
+    return found
 
 
 def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:

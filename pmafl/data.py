@@ -14,7 +14,6 @@ and SVHN through torchvision. All four download only when `download` is true.
 from __future__ import annotations
 
 import functools
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from pmafl.files import cache_root
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "svhn")
 # The public/pool split is fixed across runs: a cached teacher must never have seen client data,
@@ -68,8 +69,7 @@ class FederatedData:
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pmafl" / "data"
+    return cache_root() / "data"
 
 
 @functools.lru_cache(maxsize=4)

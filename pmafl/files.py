@@ -1,4 +1,4 @@
-"""Small file helpers shared by the teacher cache and the results folder."""
+"""Small file helpers shared by the data, the teacher cache and the results folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+
+def cache_root() -> Path:
+    """pmafl's cache folder: $XDG_CACHE_HOME/pmafl, else ~/.cache/pmafl (datasets, teachers)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pmafl"
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:

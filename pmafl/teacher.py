@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from torch import nn
 from pmafl.config import TrainConfig
 from pmafl.data import FederatedData, make_loader
 from pmafl.evaluate import evaluate
-from pmafl.files import file_sha256, write_atomic
+from pmafl.files import cache_root, file_sha256, write_atomic
 from pmafl.models import create_model
 from pmafl.train import pmafl_train
 
@@ -35,14 +34,13 @@ class TeacherError(RuntimeError):
     """The cached teacher is missing, tampered with, or does not fit the run."""
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pmafl" / "teachers"
+def cache_folder(cache_dir: str | Path = "") -> Path:
+    """The teacher cache folder: `cache_dir`, or by default ~/.cache/pmafl/teachers."""
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
 
 
 def teacher_path(cache_dir: str | Path, dataset: str, model: str) -> Path:
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return cache_dir / f"{dataset}--{model.replace('/', '_')}.pt"
+    return cache_folder(cache_dir) / f"{dataset}--{model.replace('/', '_')}.pt"
 
 
 def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> str:

@@ -23,7 +23,14 @@ import torch
 
 from pmafl.data import load_dataset
 from pmafl.models import create_model
-from pmafl.teacher import TeacherError, copy_teacher, file_sha256, load_teacher, teacher_path
+from pmafl.teacher import (
+    TeacherError,
+    cache_folder,
+    copy_teacher,
+    file_sha256,
+    load_teacher,
+    teacher_path,
+)
 
 
 def seed(source: Path, cache_dir: str, dataset: str | None = None, model: str | None = None,
@@ -62,9 +69,8 @@ def seed(source: Path, cache_dir: str, dataset: str | None = None, model: str | 
 
 
 def show(cache_dir: str) -> list[dict[str, Any]]:
-    folder = teacher_path(cache_dir, "x", "x").parent
     rows = []
-    for record in sorted(folder.glob("*.json")):
+    for record in sorted(cache_folder(cache_dir).glob("*.json")):
         meta = json.loads(record.read_text())
         pt = record.with_suffix(".pt")
         actual = file_sha256(pt) if pt.is_file() else None

@@ -96,7 +96,7 @@ class PMAFL(FedAvg):
         send them the global model and the train config (its eps is the attack radius)."""
         due = self.evaluate_every > 0 and (server_round % self.evaluate_every == 0
                                            or server_round == self.num_rounds)
-        if self.fraction_evaluate == 0 or not due:
+        if not due:
             self._sampled["evaluate"] = []
             return []
         config = ConfigRecord({**self.train_config.to_record(), **config})
