@@ -23,6 +23,18 @@ if [ "${1:-}" = "test" ]; then
   exec python -m pytest -q "$@"
 fi
 
+# Pre-train the run's teacher (if not cached) before the federation, not inside a round: the same
+# --run-config as the run decides which teacher that is.
+configs=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --run-config) configs+=(--run-config "${args[i + 1]:-}") ;;
+    --run-config=*) configs+=(--run-config "${args[i]#--run-config=}") ;;
+  esac
+done
+pmafl-teacher pretrain "${configs[@]}"
+
 started=$(date +%s)
 flwr run . --stream --federation-config "num-supernodes=10 client-resources-num-cpus=1" \
   --run-config "results-dir='$PWD/results'" "$@"

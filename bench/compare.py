@@ -29,8 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pmafl.config import OBJECTIVES, RunConfig  # noqa: E402
+from pmafl.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
+from pmafl.objectives import OBJECTIVES  # noqa: E402
 from pmafl.results import latest_folder  # noqa: E402
 
 COLUMNS = (("clean_acc", "clean"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW"),
@@ -80,13 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--seeds / --alphas: {e}")
     # Validate the overrides now, not after an hour of grid.
     overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.set)
-    import tomllib
-
     try:
-        values = {k: tomllib.loads(f"v = {v}")["v"] for k, v in overrides.items()}
-    except tomllib.TOMLDecodeError as e:
-        parser.error(f"--set: values use TOML syntax (strings in quotes): {e}")
-    RunConfig.from_mapping({**values, "objective": methods[0]}, where="--set")
+        values = parse_overrides(args.set, "--set")
+        RunConfig.from_mapping({**values, "objective": methods[0]}, where="--set")
+    except ConfigError as e:
+        parser.error(str(e))
     args.overrides = overrides
     return args
 
@@ -125,10 +124,13 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
 def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     """Run the cell if needed, then the attack suite on its final model; writes final.json."""
     results = run_cell(cell, folder, args)
+    run = json.loads((results / "results.json").read_text())
+    # The suite runs on the run's evaluation images (eval-examples of the test split).
     argv = [str(results / "model.pt"), "--attacks", "pgd20,cw,autoattack",
+            "--limit", str(run["config"].get("eval-examples", 0)),
             "--autoattack-n", str(args.autoattack_n or 10**9), "--out", str(folder / "suite.json")]
     suite = evaluate_model_file(argv)
-    rounds = json.loads((results / "results.json").read_text())["rounds"]
+    rounds = run["rounds"]
     last = rounds[-1]
     final = {"cell": cell.__dict__, "results": str(results), **suite,
              "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),

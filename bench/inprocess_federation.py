@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import time
 
 import torch
 
-from pmafl.config import RunConfig, needs_teacher
+from pmafl.config import RunConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
-from pmafl.task import build_model, client_seed, client_split, get_teacher, load_data
-from pmafl.train import pmafl_train
+from pmafl.objectives import needs_teacher
+from pmafl.task import build_model, client_seed, client_split, eval_split, load_data, prepare_teacher
+from pmafl.train import pmafl_train, warmup_eps
 
 
 def parse_value(text: str):
@@ -43,7 +45,7 @@ def main() -> None:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     global_model = build_model(cfg, data)
-    teacher = get_teacher(cfg, data)[0] if needs_teacher(cfg.train.objective) else None
+    teacher = prepare_teacher(cfg, data)[0] if needs_teacher(cfg.train.objective) else None
     clients = []  # each client's (images, labels[, teacher logits]): the logits never change
     for pid in range(args.clients):
         tensors = list(client_split(cfg, data, pid, args.clients).tensors())
@@ -51,7 +53,7 @@ def main() -> None:
             with torch.no_grad():
                 tensors.append(teacher(tensors[0]))
         clients.append(tensors)
-    test_images, test_labels = data.test.tensors()
+    test_images, test_labels = eval_split(cfg, data).tensors()
     print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")
     start = time.time()
     for server_round in range(1, args.rounds + 1):
@@ -60,18 +62,19 @@ def main() -> None:
             torch.manual_seed(client_seed(cfg.seed, server_round, pid))
             model = copy.deepcopy(global_model)
             loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=pid)
-            metrics = pmafl_train(model, teacher, loader, cfg.train)
+            train_config = dataclasses.replace(
+                cfg.train, eps=warmup_eps(cfg.train.eps, cfg.eps_warmup_rounds, server_round))
+            metrics = pmafl_train(model, teacher, loader, train_config)
             states.append(model.state_dict())
             weights.append(metrics["num-examples"])
         total = sum(weights)
         global_model.load_state_dict({key: sum(w * s[key] for w, s in zip(weights, states)) / total
                                       for key in states[0]})
         if server_round % args.every == 0 or server_round == args.rounds:
-            scores = evaluate(global_model, test_images, test_labels, cfg.train.eps,
-                              cfg.train.pgd_step, cfg.eval_steps)
-            print(f"round {server_round:>3}: clean acc {scores['clean_acc']:.3f}, "
-                  f"PGD-{cfg.eval_steps} acc {scores['pgd_acc']:.3f}  ({time.time() - start:.0f}s)",
-                  flush=True)
+            scores = evaluate(global_model, test_images, test_labels, cfg.train.eps, cfg.eval_steps)
+            print(f"round {server_round:>3}: clean acc {scores['clean_acc']:.3f}, FGSM acc "
+                  f"{scores['fgsm_acc']:.3f}, PGD-{cfg.eval_steps} acc {scores['pgd_acc']:.3f} "
+                  f"({len(test_labels)} test images, {time.time() - start:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Local-training step time of each objective, as ratios to PGD-AT's, measured in one run.
+"""Local-training step time of each objective, with PGD-K and with FGSM-RS (fast adversarial
+training), as ratios to a PGD-K adversarial-training step, measured in one run.
 
     python bench/step_time.py [--model cnn-small] [--image-size 8] [--channels 1] [--batch 32]
 
@@ -20,7 +21,7 @@ from pmafl.models import create_model
 from pmafl.train import pmafl_train
 
 
-def time_objective(objective: str, args: argparse.Namespace, batches: int) -> float:
+def time_objective(objective: str, attack: str, args: argparse.Namespace, batches: int) -> float:
     torch.manual_seed(0)
     shape = (args.batch * batches, args.channels, args.image_size, args.image_size)
     images, labels = torch.rand(shape), torch.randint(0, 10, (shape[0],))
@@ -30,7 +31,8 @@ def time_objective(objective: str, args: argparse.Namespace, batches: int) -> fl
     with torch.no_grad():
         teacher_logits = teacher(images)
     loader = make_loader(images, labels, teacher_logits, batch_size=args.batch, shuffle=False)
-    config = TrainConfig(objective=objective, local_epochs=1, pgd_steps=args.pgd_steps)
+    config = TrainConfig(objective=objective, local_epochs=1, pgd_steps=args.pgd_steps,
+                         train_attack=attack)
     pmafl_train(model, teacher, loader, config)  # warm-up
     start = time.perf_counter()
     for _ in range(args.repeats):
@@ -48,11 +50,17 @@ def main() -> None:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    times = {obj: time_objective(obj, args, batches=4) for obj in ("ce", "pgd-at", "pmafl")}
+    cells = [("ce", "pgd"), *((obj, attack) for attack in ("pgd", "fgsm-rs")
+                              for obj in ("pgd-at", "trades", "calfat", "pmafl"))]
+    times = {cell: time_objective(*cell, args, batches=4) for cell in cells}
     print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"PGD-{args.pgd_steps}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for obj, seconds in times.items():
-        print(f"{obj:>7}: {seconds * 1000:8.2f} ms/step  ({seconds / times['pgd-at']:.2f} x PGD-AT)")
+          f"teacher {args.teacher}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    reference = times[("pgd-at", "pgd")]
+    for (obj, attack), seconds in times.items():
+        attack_name = f"PGD-{args.pgd_steps}" if attack == "pgd" else "FGSM-RS"
+        label = obj if obj == "ce" else f"{obj} ({attack_name})"
+        print(f"{label:>20}: {seconds * 1000:8.2f} ms/step  ({seconds / reference:.2f} x "
+              f"PGD-{args.pgd_steps} AT)")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
-from pmafl.config import RunConfig, TrainConfig, needs_teacher
+from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate as evaluate_model
+from pmafl.objectives import needs_teacher
 from pmafl.task import (
     build_model,
     client_seed,
@@ -106,7 +107,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _received_model(msg, cfg, data, device)
     torch.manual_seed(client_seed(cfg.seed, int(msg.content["config"].get("server-round", 0)),
                                   partition_id))
-    scores = evaluate_model(model, images, labels, train_config.eps, train_config.pgd_step,
-                            cfg.eval_steps, cfg.batch_size * 8)
+    scores = evaluate_model(model, images, labels, train_config.eps, cfg.eval_steps,
+                            cfg.batch_size * 8)
     metrics = MetricRecord({**scores, "num-examples": len(labels)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

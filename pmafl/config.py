@@ -14,26 +14,39 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pmafl.attacks.pgd import ATTACK_LOSSES
 from pmafl.data import DATASETS
 from pmafl.models import is_known_model, model_names
+from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
 
-# PM-AFL ablations: the pmafl objective with one ingredient switched off.
-ABLATIONS: dict[str, dict[str, float]] = {
-    "pmafl-no-vkd": {"alpha": 0.0}, "pmafl-no-akd": {"alpha": 1.0},
-    "pmafl-no-alg": {"lambda_alg": 0.0}, "pmafl-no-mixup": {"mixup_alpha": 0.0}}
-OBJECTIVES = ("pmafl", "ce", "pgd-at", "fat", "trades", "mart", *ABLATIONS)
-ATTACK_LOSSES = ("ce", "kl")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DEVICES = ("auto", "cpu", "cuda")
 
-
-def needs_teacher(objective: str) -> bool:
-    """PM-AFL and its ablations distil from the teacher; the baselines do not."""
-    return objective == "pmafl" or objective in ABLATIONS
+# The protocol of each dataset: what a key set to "auto" (its default) means there.
+# - eps: the L_inf radius each field uses for the data: 0.3 for MNIST is too easy to reach on 8x8
+#   digits and too hard on Fashion-MNIST, whose literature uses 0.1; 8/255 for 32x32 colour images.
+# - train-attack / teacher-attack: PGD-10 where a CPU affords it (8x8 digits), FGSM with random
+#   start on 28x28 Fashion-MNIST, about 5x cheaper per step.
+# - public-fraction, max-train-examples, eval-examples, teacher-epochs: sized so that on 2 CPU
+#   cores a teacher pre-trains in about 15 minutes and a 10-client federation of 30 rounds in about
+#   10 (0: all images).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"eps": 0.2, "train-attack": "pgd", "teacher-attack": "pgd", "teacher-epochs": 60,
+               "public-fraction": 0.3, "max-train-examples": 0, "eval-examples": 0},
+    "fashion-mnist": {"eps": 0.1, "train-attack": "fgsm-rs", "teacher-attack": "fgsm-rs",
+                      "teacher-epochs": 15, "public-fraction": 0.1, "max-train-examples": 3000,
+                      "eval-examples": 1000},
+    **{name: {"eps": 0.031373, "train-attack": "pgd", "teacher-attack": "pgd", "teacher-epochs": 60,
+              "public-fraction": 0.3, "max-train-examples": 0, "eval-examples": 1000}
+       for name in ("cifar10", "cifar100", "svhn")},
+}
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -45,10 +58,12 @@ def _key(name: str) -> str:
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None, low_open: bool = False) -> Any:
-    """A config field: default, README text, and the allowed values (a set or a range)."""
+           high: float | None = None, low_open: bool = False, auto: bool = False) -> Any:
+    """A config field: default, README text, and the allowed values (a set or a range). An `auto`
+    field's run-config default is "auto", resolved per dataset from `DATASET_DEFAULTS`; its
+    dataclass default is the digits value (for direct use, e.g. `TrainConfig()`)."""
     return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
-                                             "high": high, "low_open": low_open})
+                                             "high": high, "low_open": low_open, "auto": auto})
 
 
 def _expected(f: dataclasses.Field) -> str:
@@ -106,10 +121,9 @@ def _build(cls: type, values: Mapping[str, Any], where: str, ignore: tuple[str, 
 class TrainConfig:
     """Local-training hyperparameters: what a client needs to run one round of local training."""
 
-    objective: str = option("pmafl", "Local objective: `pmafl` (PM-AFL); baselines `ce` (FedAvg), "
-                            "`pgd-at` (Madry), `fat` (clean + adversarial CE), `trades`, `mart`; "
-                            "ablations `pmafl-no-vkd`, `pmafl-no-akd`, `pmafl-no-alg`, "
-                            "`pmafl-no-mixup`.", choices=OBJECTIVES)
+    objective: str = option("pmafl", "Local objective: " + "; ".join(
+        f"`{name}` ({objective.doc})" for name, objective in OBJECTIVES.items()) + ".",
+        choices=tuple(OBJECTIVES))
     local_epochs: int = option(2, "Local epochs per round.", low=1)
     lr: float = option(0.05, "SGD learning rate of local training.", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum.", low=0, high=1)
@@ -124,13 +138,21 @@ class TrainConfig:
                               "off); keeps distillation with a large tau or lambda from diverging.",
                               low=0)
     beta: float = option(6.0, "Robustness weight of `trades` and `mart`.", low=0)
+    calfat_tau: float = option(1.0, "CalFAT's calibration strength: logits + tau * log(class prior).",
+                               low=0)
     ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
                               low=0)
-    attack_loss: str = option("ce", "Loss PGD maximises during training: `ce` (labels) or `kl` "
-                              "(to the teacher's probabilities, PM-AFL only).", choices=ATTACK_LOSSES)
-    eps: float = option(0.2, "L_inf attack radius, for training and evaluation (inputs in [0, 1]). "
-                        "0.2 suits 8x8 digits; use 0.031373 (8/255) for CIFAR/SVHN.", low=0)
-    pgd_step: float = option(0.05, "PGD step size (eps/4 is usual).", low=0, low_open=True)
+    attack_loss: str = option("ce", "Loss the PM-AFL training attack maximises: `ce` (labels), `cw` "
+                              "(margin) or `kl` (to the teacher's probabilities).",
+                              choices=tuple(ATTACK_LOSSES))
+    eps: float = option(0.2, "L_inf attack radius, for training and evaluation (inputs in [0, 1]).",
+                        low=0, auto=True)
+    train_attack: str = option("pgd", "Attack of local training: `pgd` (PGD-K, step eps * "
+                               "pgd-step-ratio, random start) or `fgsm-rs` (one step of 1.25 eps "
+                               "from a random start, Wong et al. 2020).", choices=TRAIN_ATTACKS,
+                               auto=True)
+    pgd_step_ratio: float = option(0.25, "Step of the training PGD as a fraction of eps.",
+                                   low=0, high=1, low_open=True)
     pgd_steps: int = option(10, "PGD steps K for training adversarial examples.", low=1)
 
     @classmethod
@@ -159,13 +181,21 @@ class RunConfig:
                                       "evaluation.", low=0, high=1, low_open=True)
     round_timeout: float = option(600.0, "Seconds the server waits for replies in a round.",
                                   low=0, low_open=True)
-    dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), `cifar10`, "
-                          "`cifar100`, `fashion-mnist`, `svhn` (from `data-dir`).",
+    dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), "
+                          "`fashion-mnist` (Debian's `dataset-fashion-mnist`, offline, or "
+                          "`data-dir`), `cifar10`, `cifar100`, `svhn` (from `data-dir`).",
                           choices=DATASETS)
     data_dir: str = option("", "Folder holding downloaded datasets; empty: ~/.cache/pmafl/data.")
     download: bool = option(False, "Download a missing dataset (needs the network).")
     public_fraction: float = option(0.3, "Fraction of the training split kept public to pre-train "
-                                    "the teacher; clients never see it.", low=0, high=1, low_open=True)
+                                    "the teacher; clients never see it.", low=0, high=1,
+                                    low_open=True, auto=True)
+    max_train_examples: int = option(0, "Client pool size: a class-stratified subset of the rest of "
+                                     "the training split, partitioned among the clients (0: all).",
+                                     low=0, auto=True)
+    eval_examples: int = option(0, "Test images of the per-round evaluation (a fixed "
+                                "class-stratified subset; 0: the whole test split); nodes' local "
+                                "test splits are drawn from them.", low=0, auto=True)
     partitioner: str = option("dirichlet", "How client partitions are drawn (flwr-datasets).",
                               choices=PARTITIONERS)
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller: more non-IID).",
@@ -183,8 +213,13 @@ class RunConfig:
                                  "the checksum recorded in the cache.")
     teacher_objective: str = option("pgd-at", "How a missing teacher is pre-trained on the public "
                                     "split: `ce` or `pgd-at`.", choices=("ce", "pgd-at"))
-    teacher_epochs: int = option(60, "Epochs of teacher pre-training.", low=1)
-    eval_steps: int = option(20, "PGD steps of the central robust evaluation (PGD-20).", low=1)
+    teacher_attack: str = option("pgd", "Attack of teacher pre-training: `pgd` (PGD-10, step eps/4) "
+                                 "or `fgsm-rs`.", choices=TRAIN_ATTACKS, auto=True)
+    teacher_epochs: int = option(60, "Epochs of teacher pre-training.", low=1, auto=True)
+    eps_warmup_rounds: int = option(0, "Ramp the training radius linearly from eps/N in round 1 to "
+                                    "eps in round N (0: full eps from the start).", low=0)
+    eval_steps: int = option(20, "PGD steps of the per-round robust evaluation (step eps/4, random "
+                             "start: PGD-20 by default).", low=1)
     results_dir: str = option("results", "Where each run writes its results folder (relative "
                               "paths resolve against the app folder).")
     resume_from: str = option("", "Results folder of an interrupted run: continue after the last "
@@ -194,7 +229,9 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "run config") -> RunConfig:
-        """Validate Flower's flat run config; keys of `TrainConfig` go to `.train`."""
+        """Validate Flower's flat run config; keys of `TrainConfig` go to `.train`; keys that are
+        "auto" (or absent) take the dataset's value from `DATASET_DEFAULTS`."""
+        values = resolve_auto(values, where)
         train_keys = {_key(f.name) for f in dataclasses.fields(TrainConfig)}
         train = TrainConfig.from_mapping({k: v for k, v in values.items() if k in train_keys}, where)
         own = {k: v for k, v in values.items() if k not in train_keys}
@@ -204,8 +241,7 @@ class RunConfig:
         cfg = dataclasses.replace(cfg, train=train)
         if cfg.train.attack_loss == "kl" and not needs_teacher(cfg.train.objective):
             raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl' or an "
-                              "ablation of it, "
-                              f"got objective {cfg.train.objective!r}")
+                              f"ablation of it, got objective {cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "
@@ -221,13 +257,48 @@ class RunConfig:
         return {**flat, **self.train.to_record()}
 
 
+def auto_keys() -> list[str]:
+    """The run-config keys whose default is "auto": resolved per dataset."""
+    return [_key(f.name) for cls in (RunConfig, TrainConfig) for f in dataclasses.fields(cls)
+            if f.metadata.get("auto")]
+
+
+def resolve_auto(values: Mapping[str, Any], where: str = "run config") -> dict[str, Any]:
+    """`values` with every "auto" (or absent) auto key replaced by the dataset's value."""
+    dataset = values.get("dataset", RunConfig.dataset)
+    if dataset not in DATASET_DEFAULTS:
+        raise ConfigError(f"{where} key 'dataset': expected one of "
+                          f"{', '.join(repr(d) for d in DATASETS)}, got {dataset!r}")
+    resolved = dict(values)
+    for key in auto_keys():
+        if resolved.get(key, AUTO) == AUTO:
+            resolved[key] = DATASET_DEFAULTS[dataset][key]
+    return resolved
+
+
 def documented_fields() -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every run-config key, in README order."""
+    """(key, default, doc) for every run-config key, in README order; an auto key's default is
+    "auto" and its doc ends with each dataset's value."""
     rows = []
     for cls in (RunConfig, TrainConfig):
-        rows += [(_key(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)
-                 if f.metadata.get("doc")]
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("doc"):
+                continue
+            key, default, doc = _key(f.name), f.default, f.metadata["doc"]
+            if f.metadata["auto"]:
+                default = AUTO
+                by_value: dict[Any, list[str]] = {}
+                for name, values in DATASET_DEFAULTS.items():
+                    by_value.setdefault(values[key], []).append(name)
+                doc += " `auto`: " + "; ".join(f"`{value}` on {', '.join(names)}"
+                                              for value, names in by_value.items()) + "."
+            rows.append((key, default, doc))
     return rows
+
+
+def documented_defaults() -> dict[str, Any]:
+    """Every run-config key's default as pyproject.toml states it ("auto" for auto keys)."""
+    return {key: default for key, default, _ in documented_fields()}
 
 
 def markdown_table() -> str:
@@ -238,3 +309,13 @@ def markdown_table() -> str:
             if isinstance(default, bool) else repr(default)
         lines.append(f"| `{key}` | `{shown}` | {doc} |")
     return "\n".join(lines)
+
+
+def parse_overrides(items: list[str], where: str = "--run-config") -> dict[str, Any]:
+    """Run-config overrides in `flwr run --run-config` syntax: each item holds `key=value` pairs
+    separated by spaces, values in TOML (strings quoted: `dataset='fashion-mnist' eps=0.1`)."""
+    pairs = [pair for item in items for pair in re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", item)]
+    try:
+        return tomllib.loads("\n".join(f'"{key}" = {value}' for key, value in pairs))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: values use TOML syntax (strings in quotes): {e}") from e

@@ -7,14 +7,22 @@ a flwr-datasets partitioner. Images are kept as uint8 NCHW tensors and turned in
 only for the part a process works on.
 
 `digits` (scikit-learn's 8x8 handwritten digits) ships with scikit-learn, so the default run needs
-no network. CIFAR-10/100 are read from the python-pickle archives' on-disk format; Fashion-MNIST
-and SVHN through torchvision. All four download only when `download` is true.
+no network. Fashion-MNIST is read from its four original gzip IDX files: from `data-dir`, else from
+Debian's `dataset-fashion-mnist` package, else from the cache folder. CIFAR-10/100 are read from
+the python-pickle archives' on-disk format, SVHN through torchvision. None downloads unless
+`download` is true.
+
+`max_pool` caps the client pool (a class-stratified subset, the same on every machine): the knob
+that makes a federation on 60,000 images affordable on a CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import pickle
+import shutil
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pmafl.files import cache_root
+from pmafl.files import cache_root, write_atomic
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "svhn")
 # The public/pool split is fixed across runs: a cached teacher must never have seen client data,
@@ -35,6 +43,10 @@ _CIFAR = {
     "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                  "eb9058c3a382ffc7106e4002c42a8d85", ["train"], "test", b"fine_labels"),
 }
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset file is missing, truncated or not in the format it claims."""
 
 
 @dataclass(frozen=True)
@@ -74,25 +86,48 @@ def default_data_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str = "", download: bool = False,
-                 public_fraction: float = 0.3) -> FederatedData:
-    """The dataset's public / pool / test splits (cached per process)."""
+                 public_fraction: float = 0.3, max_pool: int = 0) -> FederatedData:
+    """The dataset's public / pool / test splits (cached per process). `max_pool` > 0 keeps a
+    class-stratified subset of that many pool images; the public split is carved first, so it does
+    not depend on `max_pool`."""
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if name == "digits":
         train, test, num_classes = _digits()
     elif name in _CIFAR:
         train, test, num_classes = _cifar(name, root, download)
     elif name == "fashion-mnist":
-        train, test, num_classes = _fashion_mnist(root, download)
+        train, test, num_classes = _fashion_mnist(Path(data_dir).expanduser() if data_dir else None,
+                                                  download)
     elif name == "svhn":
         train, test, num_classes = _svhn(root, download)
     else:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     public_idx, pool_idx = _stratified_split(train.labels.numpy(), public_fraction, SPLIT_SEED)
-    public = train.subset(public_idx)
+    public, pool = train.subset(public_idx), train.subset(pool_idx)
+    if 0 < max_pool < len(pool):
+        pool = pool.subset(np.sort(stratified_subset(pool.labels.numpy(), max_pool, SPLIT_SEED)))
     x, _ = public.tensors()
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return FederatedData(public, train.subset(pool_idx), test, num_classes, mean, std)
+    return FederatedData(public, pool, test, num_classes, mean, std)
+
+
+def evaluation_subset(test: Split, size: int) -> Split:
+    """`size` images of the test split in its class proportions, the same on every machine (the
+    whole split when `size` is 0 or not smaller)."""
+    if not 0 < size < len(test):
+        return test
+    return test.subset(np.sort(stratified_subset(test.labels.numpy(), size, SPLIT_SEED)))
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` indices into `labels` (without replacement) with the classes in the proportions of
+    `labels`, largest remainder first; deterministic for a seed."""
+    counts = np.bincount(labels)
+    want = np.minimum(apportion(size, counts.astype(np.float64)), counts)
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:want[c]]
+                           for c in range(len(counts))])
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +160,7 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[Split, Split, int]:
 
         download_and_extract_archive(url, str(root), md5=md5)
     if not base.is_dir():
-        raise FileNotFoundError(f"dataset {name!r}: no folder {base}; put the python version of "
+        raise DatasetError(f"dataset {name!r}: no folder {base}; put the python version of "
                                 f"{name} there, or set download=true")
 
     def read(files: list[str]) -> Split:
@@ -133,7 +168,7 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[Split, Split, int]:
         for file in files:
             path = base / file
             if not path.is_file():
-                raise FileNotFoundError(f"dataset {name!r}: missing file {path}")
+                raise DatasetError(f"dataset {name!r}: missing file {path}")
             with path.open("rb") as f:
                 batch = pickle.load(f, encoding="bytes")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
@@ -147,7 +182,7 @@ def _torchvision_split(cls: type, root: Path, download: bool, name: str, **kwarg
     try:
         ds = cls(str(root), download=download, **kwargs)
     except RuntimeError as e:
-        raise FileNotFoundError(f"dataset {name!r} not found under {root} ({e}); "
+        raise DatasetError(f"dataset {name!r} not found under {root} ({e}); "
                                 "set download=true to fetch it") from e
     labels = getattr(ds, "targets", None)
     labels = ds.labels if labels is None else labels
@@ -157,12 +192,82 @@ def _torchvision_split(cls: type, root: Path, download: bool, name: str, **kwarg
     return Split(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
-def _fashion_mnist(root: Path, download: bool) -> tuple[Split, Split, int]:
-    from torchvision.datasets import FashionMNIST
+FASHION_MNIST_FILES = {
+    "train-images": "train-images-idx3-ubyte.gz", "train-labels": "train-labels-idx1-ubyte.gz",
+    "test-images": "t10k-images-idx3-ubyte.gz", "test-labels": "t10k-labels-idx1-ubyte.gz"}
+# Where Debian's package `dataset-fashion-mnist` installs the original files.
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_IDX_DTYPES = {0x08: np.uint8}
 
-    train = _torchvision_split(FashionMNIST, root, download, "fashion-mnist", train=True)
-    test = _torchvision_split(FashionMNIST, root, download, "fashion-mnist", train=False)
-    return train, test, 10
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One gzip-compressed IDX file (LeCun's MNIST format): magic 0x0000 TT DD (TT the element type,
+    DD the number of dimensions), DD big-endian uint32 sizes, then the data. Refuses a file whose
+    magic, dimensions or length do not match, naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or cut short
+        raise DatasetError(f"{path}: not a readable gzip file ({e}); the file is truncated or "
+                           "corrupt: fetch it again") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] != ndim:
+        raise DatasetError(f"{path}: magic number {raw[:4].hex()} is not that of an IDX file of "
+                           f"unsigned bytes with {ndim} dimensions (expected 000008{ndim:02x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: header cut short ({len(raw)} bytes)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DatasetError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}; the "
+                           "file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist_folder(data_dir: Path | None, download: bool) -> Path:
+    """The folder holding the four Fashion-MNIST files: `data_dir` (or its `fashion-mnist`
+    subfolder) when given, else Debian's package folder, else the cache folder."""
+    if data_dir is not None:
+        candidates = [data_dir, data_dir / "fashion-mnist"]
+    else:
+        candidates = [FASHION_MNIST_DEBIAN, default_data_dir() / "fashion-mnist"]
+    for folder in candidates:
+        if all((folder / file).is_file() for file in FASHION_MNIST_FILES.values()):
+            return folder
+    target = candidates[-1]
+    if download:
+        for file in FASHION_MNIST_FILES.values():
+            if not (target / file).is_file():
+                with urllib.request.urlopen(FASHION_MNIST_URL + file, timeout=120) as response:
+                    write_atomic(target / file, lambda f, r=response: shutil.copyfileobj(r, f))
+        return target
+    looked = ", ".join(str(c) for c in candidates)
+    raise DatasetError(
+        f"dataset 'fashion-mnist': the four files {', '.join(FASHION_MNIST_FILES.values())} are not "
+        f"all in any of {looked}. Install them with `apt-get install dataset-fashion-mnist` "
+        f"(Debian/Ubuntu, as root: {FASHION_MNIST_DEBIAN}), put them in one of those folders, or "
+        "set download=true")
+
+
+def _fashion_mnist(data_dir: Path | None, download: bool) -> tuple[Split, Split, int]:
+    folder = fashion_mnist_folder(data_dir, download)
+
+    def read(part: str) -> Split:
+        images_path = folder / FASHION_MNIST_FILES[f"{part}-images"]
+        labels_path = folder / FASHION_MNIST_FILES[f"{part}-labels"]
+        images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+        if images.shape[1:] != (28, 28):
+            raise DatasetError(f"{images_path}: images of {images.shape[1:]} pixels, expected 28x28")
+        if len(images) != len(labels):
+            raise DatasetError(f"{labels_path}: {len(labels)} labels for {len(images)} images in "
+                               f"{images_path.name}")
+        if len(labels) and labels.max() > 9:
+            raise DatasetError(f"{labels_path}: label {labels.max()} outside 0..9")
+        return Split(torch.from_numpy(images.copy())[:, None],
+                     torch.from_numpy(labels.astype(np.int64)))
+
+    return read("train"), read("test"), 10
 
 
 def _svhn(root: Path, download: bool) -> tuple[Split, Split, int]:

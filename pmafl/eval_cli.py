@@ -21,22 +21,34 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pmafl.data import load_dataset
-from pmafl.evaluate import ATTACKS, accuracy, eps_sweep, gradient_masking_warnings, make_attack
+from pmafl.data import evaluation_subset, load_dataset
+from pmafl.evaluate import (
+    ATTACKS,
+    accuracy,
+    eps_sweep,
+    gradient_masking_warnings,
+    make_attack,
+    sweep_radii,
+)
 from pmafl.models import create_model
 
 
 def saved_settings(model_file: Path) -> dict[str, Any]:
-    """Architecture, dataset and eps recorded beside `model_file`, when there is a record."""
+    """Architecture, dataset, eps and input normalisation recorded beside `model_file`, when there
+    is a record: a run's results.json beside its model.pt, or a cached teacher's .json."""
     results = model_file.parent / "results.json"
     if model_file.name == "model.pt" and results.is_file():
         config = json.loads(results.read_text())["config"]
         return {"model": config["model"], "dataset": config["dataset"], "eps": config["eps"],
-                "data_dir": config["data-dir"], "public_fraction": config["public-fraction"]}
+                "data_dir": config["data-dir"], "public_fraction": config["public-fraction"],
+                "max_pool": config.get("max-train-examples", 0)}
     record = model_file.with_suffix(".json")
     if record.is_file():
         meta = json.loads(record.read_text())
-        return {"model": meta["model"], "dataset": meta["dataset"], "eps": meta.get("eps")}
+        settings = meta.get("settings") or {}
+        return {"model": meta["model"], "dataset": meta["dataset"], "eps": settings.get("eps"),
+                "mean": meta.get("mean"), "std": meta.get("std"),
+                "public_fraction": settings.get("public_fraction", 0.3)}
     return {}
 
 
@@ -54,9 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(ATTACKS)} (default: all)")
     parser.add_argument("--autoattack-n", type=int, default=100,
                         help="test images AutoAttack runs on (the first N; default 100, it is slow)")
-    parser.add_argument("--sweep", default="0,0.25,0.5,1,1.5,2,3,5",
-                        help="eps sweep as multiples of --eps (default: 0,0.25,0.5,1,1.5,2,3,5)")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only")
+    parser.add_argument("--sweep", default="0,0.25,0.5,1,1.5,2,3,4",
+                        help="eps sweep as multiples of --eps, kept up to eps 0.45 where reaching "
+                             "0 still proves something (default: 0,0.25,0.5,1,1.5,2,3,4)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="evaluate N test images only, a fixed class-stratified subset (the "
+                             "per-round evaluation's with N = eval-examples; default: all)")
     parser.add_argument("--out", type=Path, help="JSON output (default: <model file>.robustness.json)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -80,11 +95,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     data = load_dataset(settings["dataset"], args.data_dir or settings.get("data_dir", ""), False,
-                        settings.get("public_fraction", 0.3))
-    images, labels = data.test.tensors()
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    model = create_model(settings["model"], data.num_classes, data.in_channels, data.mean, data.std)
+                        settings.get("public_fraction", 0.3), settings.get("max_pool", 0))
+    images, labels = evaluation_subset(data.test, args.limit).tensors()
+    # A teacher normalises as its record says, not as this machine's data would.
+    mean, std = settings.get("mean") or data.mean, settings.get("std") or data.std
+    model = create_model(settings["model"], data.num_classes, data.in_channels, mean, std)
     model.load_state_dict(torch.load(args.model_file, map_location="cpu", weights_only=True))
     model.eval()
     eps = float(settings["eps"])
@@ -101,14 +116,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "autoattack":
             report["autoattack_n"] = len(y)
     multiples = [float(m) for m in args.sweep.split(",") if m]
-    report["eps_sweep"] = eps_sweep(model, images, labels, [m * eps for m in multiples])
+    report["eps_sweep"] = eps_sweep(model, images, labels, sweep_radii(eps, multiples))
     report["gradient_masking_warnings"] = gradient_masking_warnings(report["eps_sweep"], len(labels))
 
     out = args.out or args.model_file.with_name(args.model_file.name + ".robustness.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{settings['model']} on {settings['dataset']} ({len(labels)} test images), eps {eps:g}:")
     print(f"  clean {report['clean_acc']:.3f}  " + "  ".join(
-        f"{name} {report[f'{name}_acc']:.3f}" for name in attacks))
+        f"{name} {report[f'{name}_acc']:.3f}" + (f" (on {report['autoattack_n']} images)"
+                                                  if name == "autoattack" else "")
+        for name in attacks))
     print("  PGD-20 eps sweep: " + ", ".join(f"{r['eps']:.3g}: {r['pgd20_acc']:.3f}"
                                             for r in report["eps_sweep"]))
     for warning in report["gradient_masking_warnings"]:

@@ -14,14 +14,20 @@ from pmafl.attacks import FGSM, PGD, Attack, AutoAttack
 ATTACKS = ("fgsm", "pgd20", "cw", "autoattack")
 
 
+def eval_pgd(model: nn.Module, eps: float, steps: int = 20, loss: str = "ce") -> PGD:
+    """The evaluation PGD, the same everywhere (per-round log, nodes, pmafl-evaluate, teacher
+    record): `steps` steps of eps/4 from a uniform random start."""
+    return PGD(model, eps, eps / 4, steps, loss=loss)
+
+
 def make_attack(name: str, model: nn.Module, eps: float, seed: int = 0) -> Attack:
-    """The suite's attacks by name; PGD and CW take 20 steps of eps/4 from a random start."""
+    """The suite's attacks by name; PGD-20 and CW take 20 steps of eps/4 from a random start."""
     if name == "fgsm":
         return FGSM(model, eps)
     if name == "pgd20":
-        return PGD(model, eps, max(eps / 4, 1e-8), 20)
+        return eval_pgd(model, eps)
     if name == "cw":
-        return PGD(model, eps, max(eps / 4, 1e-8), 20, loss="cw")
+        return eval_pgd(model, eps, loss="cw")
     if name == "autoattack":
         return AutoAttack(model, eps, seed=seed)
     raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
@@ -50,9 +56,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(len(labels), 1)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float,
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
              steps: int = 20, batch_size: int = 256) -> dict[str, float]:
-    """{"clean_acc", "clean_loss", "pgd_acc"} on images in [0, 1]; PGD-`steps` with random start."""
+    """{"clean_acc", "clean_loss", "fgsm_acc", "pgd_acc"} on images in [0, 1]: PGD-`steps` as
+    `eval_pgd`; FGSM beside it shows catastrophic overfitting (FGSM accuracy up, PGD down)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -68,7 +75,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: 
         model.train(was_training)
     n = max(len(labels), 1)
     return {"clean_acc": correct / n, "clean_loss": loss / n,
-            "pgd_acc": accuracy(model, images, labels, PGD(model, eps, step, steps), batch_size)}
+            "fgsm_acc": accuracy(model, images, labels, FGSM(model, eps), batch_size),
+            "pgd_acc": accuracy(model, images, labels, eval_pgd(model, eps, steps), batch_size)}
 
 
 def eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -77,6 +85,33 @@ def eps_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return [{"eps": eps, "pgd20_acc": accuracy(model, images, labels,
                                                make_attack("pgd20", model, eps), batch_size)}
             for eps in eps_values]
+
+
+# Above this radius the check proves nothing: at 0.5 any image in [0, 1] can be moved to the
+# uniform grey image, so accuracy 0 there is reached by every model, masked or not.
+MAX_SWEEP_EPS = 0.45
+
+
+def sweep_radii(eps: float, multiples: Iterable[float]) -> list[float]:
+    """The eps-sweep radii: `multiples` of eps up to `MAX_SWEEP_EPS`, where masked gradients can
+    still show as accuracy that does not fall to 0."""
+    return [m * eps for m in multiples if m * eps <= MAX_SWEEP_EPS + 1e-9]
+
+
+def catastrophic_overfitting(rounds: list[dict[str, float]], drop: float = 0.5) -> str:
+    """A warning when the last round looks like catastrophic overfitting of fast adversarial
+    training (Wong et al. 2020): PGD accuracy fell below `drop` times its best so far while FGSM
+    accuracy rose above its value at that best round; "" otherwise."""
+    scored = [r for r in rounds if "pgd_acc" in r and "fgsm_acc" in r]
+    if len(scored) < 2:
+        return ""
+    best = max(scored[:-1], key=lambda r: r["pgd_acc"])
+    last = scored[-1]
+    if last["pgd_acc"] < drop * best["pgd_acc"] and last["fgsm_acc"] > best["fgsm_acc"]:
+        return (f"catastrophic overfitting? PGD accuracy {last['pgd_acc']:.3f} (best "
+                f"{best['pgd_acc']:.3f} in round {best['round']}) while FGSM accuracy rose to "
+                f"{last['fgsm_acc']:.3f} (from {best['fgsm_acc']:.3f})")
+    return ""
 
 
 def gradient_masking_warnings(sweep: list[dict[str, float]], num_examples: int,

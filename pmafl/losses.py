@@ -72,3 +72,17 @@ def mart_weighted_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor,
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE(S(x), y): FedAvg's clean objective, and Madry's PGD-AT when x is adversarial."""
     return F.cross_entropy(logits, labels)
+
+
+def calibrated_logits(logits: torch.Tensor, log_prior_offset: torch.Tensor) -> torch.Tensor:
+    """CalFAT's calibration (Chen et al. 2022): z + tau * log(pi), with `log_prior_offset` =
+    tau * log(pi) for the client's class prior pi. Training through the calibrated logits leaves
+    the client's label skew in the offset rather than in the model's own logits z, which the
+    server averages and which are used, uncalibrated, at test time."""
+    return logits + log_prior_offset
+
+
+def calibrated_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                             log_prior_offset: torch.Tensor) -> torch.Tensor:
+    """CE(z + tau * log(pi), y), batch mean: CalFAT's loss on (adversarial) examples."""
+    return F.cross_entropy(calibrated_logits(logits, log_prior_offset), labels)

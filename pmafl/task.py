@@ -12,9 +12,17 @@ import torch
 from torch import nn
 
 from pmafl.config import RunConfig
-from pmafl.data import FederatedData, Split, load_dataset, local_test_indices, partition_indices
+from pmafl.data import (
+    SPLIT_SEED,
+    FederatedData,
+    Split,
+    evaluation_subset,
+    load_dataset,
+    local_test_indices,
+    partition_indices,
+)
 from pmafl.models import Normalized, create_model
-from pmafl.teacher import ensure_teacher, teacher_path
+from pmafl.teacher import TeacherError, ensure_teacher, load_teacher, teacher_path
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -32,7 +40,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: RunConfig) -> FederatedData:
-    return load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.public_fraction)
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.public_fraction,
+                        cfg.max_train_examples)
+
+
+def eval_split(cfg: RunConfig, data: FederatedData) -> Split:
+    """The test images of the per-round evaluation: `eval-examples` of the test split, a fixed
+    class-stratified subset (the whole split when 0 or larger)."""
+    return evaluation_subset(data.test, cfg.eval_examples)
 
 
 def build_model(cfg: RunConfig, data: FederatedData) -> Normalized:
@@ -50,25 +65,48 @@ def client_split(cfg: RunConfig, data: FederatedData, partition_id: int, num_par
 @functools.lru_cache(maxsize=64)
 def client_test_split(cfg: RunConfig, data: FederatedData, partition_id: int,
                       num_partitions: int) -> Split:
-    """A client's local test split: drawn from the held-out test split with the class proportions
-    of the client's partition; 1/num_partitions of the test split, at least 100 images."""
+    """A client's local test split: drawn from the evaluation images (`eval_split`) with the class
+    proportions of the client's partition; 1/num_partitions of them, at least 100 images."""
+    test = eval_split(cfg, data)
     train_labels = client_split(cfg, data, partition_id, num_partitions).labels.numpy()
-    size = max(len(data.test) // num_partitions, min(len(data.test), 100))
-    index = local_test_indices(data.test.labels.numpy(), train_labels, data.num_classes, size,
+    size = max(len(test) // num_partitions, min(len(test), 100))
+    index = local_test_indices(test.labels.numpy(), train_labels, data.num_classes, size,
                                client_seed(cfg.seed, 0, partition_id))
-    return data.test.subset(index)
+    return test.subset(index)
+
+
+def teacher_settings(cfg: RunConfig) -> dict:
+    """Everything that defines the run's teacher: its cache key."""
+    return {"dataset": cfg.dataset, "model": cfg.teacher_model, "objective": cfg.teacher_objective,
+            "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
+            "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
+
+
+def prepare_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
+                    device: torch.device | None = None) -> tuple[nn.Module, str, Path]:
+    """The run's teacher from the cache, pre-trained there first when absent (a long job: the
+    ServerApp and `pmafl-teacher pretrain` call this before any round); with its sha256 and path."""
+    settings = teacher_settings(cfg)
+    path = teacher_path(cache_dir or cfg.teacher_cache_dir, settings)
+    teacher, sha256 = ensure_teacher(path, data, settings, eval_split(cfg, data), cfg.teacher_sha256,
+                                     device or torch.device("cpu"))
+    return teacher, sha256, path
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
                     device: torch.device) -> tuple[nn.Module, str]:
-    return ensure_teacher(path, data, cfg.dataset, cfg.teacher_model, cfg.teacher_objective,
-                          cfg.teacher_epochs, cfg.train.eps, cfg.train.pgd_step,
-                          cfg.teacher_sha256, device)
+    if not path.is_file():
+        raise TeacherError(
+            f"no teacher for this run's settings at {path}: pre-train it before the run with "
+            f"`pmafl-teacher pretrain --run-config \"...\"` (the run's config), or seed it with "
+            "`pmafl-teacher seed FILE --cache-dir DIR`")
+    return load_teacher(path, data.num_classes, cfg.teacher_sha256, device, teacher_settings(cfg))
 
 
 def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
                 device: torch.device | None = None) -> tuple[nn.Module, str]:
-    """The verified cached teacher (pre-trained first when absent), loaded once per process."""
-    path = teacher_path(cache_dir or cfg.teacher_cache_dir, cfg.dataset, cfg.teacher_model)
+    """The node's verified cached teacher, loaded once per process. It is never pre-trained here,
+    inside a round's timeout: a missing one is an error that says how to prepare it."""
+    path = teacher_path(cache_dir or cfg.teacher_cache_dir, teacher_settings(cfg))
     return _cached_teacher(path, data, cfg, device or torch.device("cpu"))

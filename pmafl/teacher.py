@@ -1,15 +1,19 @@
 """The local teacher cache: pre-trained teachers stored with a recorded sha256, verified on load.
 
-A cache folder holds `<dataset>--<model>.pt` (the state dict) beside `<dataset>--<model>.json`
-(sha256 of the .pt file, architecture, classes, normalisation, how it was trained). `load_teacher`
-refuses a missing file, a file whose checksum differs from the record (tampered or corrupt), a
-checksum other than the one a run expects, and a teacher with the wrong number of classes.
-`ensure_teacher` pre-trains a missing teacher on the dataset's public split, under a file lock so
-that simulated clients sharing one cache build it once.
+A teacher is defined by its settings (dataset, architecture, public split, training objective,
+attack, radius, epochs): a cache folder holds `<dataset>--<model>--<key>.pt` (the state dict),
+`<key>` a hash of those settings, beside a `.json` record (sha256 of the .pt file, the settings,
+normalisation, test accuracy). A run with other settings therefore finds another file and never
+reuses a teacher trained, say, on images that are now in the client pool. `load_teacher` refuses a
+missing file, a file whose checksum differs from the record (tampered or corrupt), a checksum other
+than the one a run expects, a record whose settings differ from the run's, and a teacher with the
+wrong number of classes. `ensure_teacher` pre-trains a missing teacher on the dataset's public
+split, under a file lock so that processes sharing one cache build it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,7 +25,7 @@ from filelock import FileLock
 from torch import nn
 
 from pmafl.config import TrainConfig
-from pmafl.data import FederatedData, make_loader
+from pmafl.data import FederatedData, Split, make_loader
 from pmafl.evaluate import evaluate
 from pmafl.files import cache_root, file_sha256, write_atomic
 from pmafl.models import create_model
@@ -39,8 +43,16 @@ def cache_folder(cache_dir: str | Path = "") -> Path:
     return Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
 
 
-def teacher_path(cache_dir: str | Path, dataset: str, model: str) -> Path:
-    return cache_folder(cache_dir) / f"{dataset}--{model.replace('/', '_')}.pt"
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short hash of a teacher's settings, part of its file name."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def teacher_path(cache_dir: str | Path, settings: dict[str, Any]) -> Path:
+    """Where the teacher with these settings lives in a cache (`settings` holds at least
+    `dataset` and `model`)."""
+    name = f"{settings['dataset']}--{settings['model'].replace('/', '_')}--{settings_key(settings)}.pt"
+    return cache_folder(cache_dir) / name
 
 
 def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> str:
@@ -67,8 +79,10 @@ def write_record(path: Path, meta: dict[str, Any]) -> str:
 
 
 def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
-                 device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """The verified teacher in eval mode without gradients, and its sha256."""
+                 device: str | torch.device = "cpu", settings: dict[str, Any] | None = None
+                 ) -> tuple[nn.Module, str]:
+    """The verified teacher in eval mode without gradients, and its sha256. With `settings`, the
+    record must hold exactly those settings."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.is_file():
@@ -83,6 +97,12 @@ def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
     if expected_sha256 and sha256 != expected_sha256:
         raise TeacherError(f"teacher file {path} has sha256 {sha256}, the run expects "
                            f"{expected_sha256} (run-config key 'teacher-sha256')")
+    if settings is not None and meta.get("settings") != settings:
+        recorded = meta.get("settings") or {}
+        differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} recorded, {settings.get(k)!r} wanted" for k in differ)
+        raise TeacherError(f"teacher file {path} was trained with other settings than the run's "
+                           f"({detail}); pre-train one for this run with `pmafl-teacher pretrain`")
     if meta.get("num_classes") != num_classes:
         raise TeacherError(f"teacher file {path} predicts {meta.get('num_classes')} classes, "
                            f"the dataset has {num_classes}")
@@ -94,47 +114,51 @@ def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
     return model.to(device).eval().requires_grad_(False), sha256
 
 
-def pretrain_teacher(data: FederatedData, model_name: str, objective: str, epochs: int,
-                     eps: float, pgd_step: float, batch_size: int = 64, seed: int = 0,
-                     device: str | torch.device = "cpu") -> nn.Module:
-    """Train a teacher on the public split with `pmafl_train` (objective `ce` or `pgd-at`).
+def pretrain_teacher(data: FederatedData, settings: dict[str, Any], batch_size: int = 64,
+                     seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """Train a teacher on the public split with `pmafl_train`: `settings["objective"]` (`ce` or
+    `pgd-at`) with `settings["attack"]` (`pgd`: PGD-10, step eps/4; or `fgsm-rs`) at radius
+    `settings["eps"]` for `settings["epochs"]` epochs.
 
     The attack radius ramps up linearly over the first third of the epochs: adversarial training
     at the full radius from a random start does not get off the ground on small data."""
     torch.manual_seed(seed)
+    model_name, epochs, eps = settings["model"], settings["epochs"], settings["eps"]
     model = create_model(model_name, data.num_classes, data.in_channels, data.mean, data.std).to(device)
     loader = make_loader(*data.public.tensors(), batch_size=batch_size, shuffle=True, seed=seed)
     start = time.time()
     for epoch in range(1, epochs + 1):
         ramp = min(1.0, epoch / max(1.0, epochs / 3))
         # No gradient clipping: plain (adversarial) cross-entropy training does not diverge here.
-        config = TrainConfig(objective=objective, local_epochs=1, lr=0.05, momentum=0.9,
+        config = TrainConfig(objective=settings["objective"], local_epochs=1, lr=0.05, momentum=0.9,
                              weight_decay=5e-4, grad_clip=0.0, eps=eps * ramp,
-                             pgd_step=pgd_step * ramp, pgd_steps=10)
+                             train_attack=settings["attack"], pgd_steps=10)
         metrics = pmafl_train(model, None, loader, config)
-        if epoch % 10 == 0 or epoch == epochs:
-            log.info("teacher pre-training (%s, %s): epoch %d/%d, loss %.3f, %.0fs", model_name,
-                     objective, epoch, epochs, metrics["loss"], time.time() - start)
+        log.info("teacher pre-training (%s, %s, %s): epoch %d/%d, loss %.3f, %.0fs", model_name,
+                 settings["objective"], settings["attack"], epoch, epochs, metrics["loss"],
+                 time.time() - start)
     return model.eval()
 
 
-def ensure_teacher(path: Path, data: FederatedData, dataset: str, model_name: str, objective: str,
-                   epochs: int, eps: float, pgd_step: float, expected_sha256: str = "",
-                   device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """Load the cached teacher at `path`, pre-training and caching it first when absent."""
+def ensure_teacher(path: Path, data: FederatedData, settings: dict[str, Any], test: Split,
+                   expected_sha256: str = "", device: str | torch.device = "cpu"
+                   ) -> tuple[nn.Module, str]:
+    """Load the cached teacher at `path`, pre-training and caching it first when absent; a new
+    teacher's clean and PGD-20 accuracy on `test` go into its record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             log.info("teacher cache: %s absent, pre-training it on the public split (%d images)",
                      path, len(data.public))
-            model = pretrain_teacher(data, model_name, objective, epochs, eps, pgd_step, device=device)
-            x, y = data.test.tensors()
-            scores = evaluate(model, x, y, eps, pgd_step, steps=20)
+            model = pretrain_teacher(data, settings, device=device)
+            x, y = test.tensors()
+            scores = evaluate(model, x, y, settings["eps"], steps=20)
             sha256 = save_teacher(model, path, {
-                "model": model_name, "dataset": dataset, "num_classes": data.num_classes,
-                "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std),
-                "objective": objective, "epochs": epochs, "eps": eps,
-                "test_clean_acc": scores["clean_acc"], "test_pgd_acc": scores["pgd_acc"]})
-            log.info("teacher cache: saved %s (sha256 %s), test clean %.3f, PGD-20 %.3f", path,
-                     sha256, scores["clean_acc"], scores["pgd_acc"])
-    return load_teacher(path, data.num_classes, expected_sha256, device)
+                "model": settings["model"], "dataset": settings["dataset"],
+                "num_classes": data.num_classes, "in_channels": data.in_channels,
+                "mean": list(data.mean), "std": list(data.std), "settings": settings,
+                "test_examples": len(y), "test_clean_acc": scores["clean_acc"],
+                "test_pgd_acc": scores["pgd_acc"]})
+            log.info("teacher cache: saved %s (sha256 %s), on %d test images: clean %.3f, "
+                     "PGD-20 %.3f", path, sha256, len(y), scores["clean_acc"], scores["pgd_acc"])
+    return load_teacher(path, data.num_classes, expected_sha256, device, settings)

@@ -1,14 +1,19 @@
-"""pmafl-teacher: put a pre-trained teacher into a node's cache, or show what a cache holds.
+"""pmafl-teacher: pre-train a run's teacher ahead of the run, put a teacher file into a node's
+cache, or show what a cache holds.
 
+    pmafl-teacher pretrain --run-config "dataset='fashion-mnist'"      # as `flwr run` would use it
     pmafl-teacher seed teacher.pt --cache-dir /data/teachers            # record beside teacher.pt
-    pmafl-teacher seed weights.pt --cache-dir DIR --dataset digits --model cnn-large
+    pmafl-teacher seed weights.pt --cache-dir DIR --run-config "dataset='digits' teacher-model='cnn-large'"
     pmafl-teacher show --cache-dir /data/teachers
 
-`seed` checks that the file loads into the architecture, copies it into the cache under the name a
-run looks for (`<dataset>--<model>.pt`, with its `.json` record) and prints its sha256: pass that
-to the run as `teacher-sha256` so that every node must hold this very file. The architecture comes
-from the `.json` record beside the file (as written by another node's cache) or from
-`--dataset`/`--model`.
+`pretrain` builds the teacher that a run with the given run config (pyproject defaults otherwise)
+looks for, unless the cache already holds it: pre-training takes minutes to a quarter of an hour
+and belongs before the run, not inside a round. `seed` checks that the file loads into the
+architecture, copies it into the cache under the name a run looks for
+(`<dataset>--<model>--<settings key>.pt`, with its `.json` record) and prints its sha256: pass
+that to the run as `teacher-sha256` so that every node must hold this very file. The teacher's
+settings come from the `.json` record beside the file (as written by another cache) or, for bare
+weights, from `--run-config` (the run the teacher is meant for).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Any
 
 import torch
 
-from pmafl.data import load_dataset
+from pmafl.config import ConfigError, RunConfig, parse_overrides
 from pmafl.models import create_model
+from pmafl.objectives import needs_teacher
+from pmafl.task import load_data, prepare_teacher, teacher_settings
 from pmafl.teacher import (
     TeacherError,
     cache_folder,
@@ -33,9 +40,15 @@ from pmafl.teacher import (
 )
 
 
-def seed(source: Path, cache_dir: str, dataset: str | None = None, model: str | None = None,
-         data_dir: str = "") -> tuple[Path, str]:
-    """Copy the teacher at `source` into `cache_dir`; return its cache path and sha256."""
+def parse_run_config(items: list[str]) -> RunConfig:
+    """A RunConfig from `--run-config` strings in flwr's syntax ("key=value key='text' ..."), on top
+    of the defaults, exactly as a run would validate it."""
+    return RunConfig.from_mapping(parse_overrides(items), where="--run-config")
+
+
+def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Path, str]:
+    """Copy the teacher at `source` into `cache_dir`; return its cache path and sha256. Its
+    settings come from the record beside it, else from `cfg` (the run it is meant for)."""
     if not source.is_file():
         raise TeacherError(f"teacher file {source} does not exist")
     record = source.with_suffix(".json")
@@ -43,29 +56,37 @@ def seed(source: Path, cache_dir: str, dataset: str | None = None, model: str | 
     if meta and meta.get("sha256") != file_sha256(source):
         raise TeacherError(f"teacher file {source} does not match the sha256 in {record}: the file "
                            "was modified or is corrupt")
-    dataset, model = dataset or meta.get("dataset"), model or meta.get("model")
-    if not dataset or not model:
-        raise TeacherError(f"no record {record} gives the teacher's dataset and model: pass "
-                           "--dataset and --model")
-    if meta.get("dataset", dataset) != dataset or meta.get("model", model) != model:
-        raise TeacherError(f"{record} records dataset {meta['dataset']!r} / model {meta['model']!r}, "
-                           f"not {dataset!r} / {model!r}")
-    if "num_classes" not in meta:
-        data = load_dataset(dataset, data_dir)
-        meta = {"model": model, "dataset": dataset, "num_classes": data.num_classes,
-                "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std)}
+    if "settings" not in meta:
+        if cfg is None:
+            raise TeacherError(f"no record {record} gives the teacher's settings: pass --run-config "
+                               "with the run it is for (dataset, teacher-model, ...)")
+        data = load_data(cfg)
+        meta = {"model": cfg.teacher_model, "dataset": cfg.dataset, "num_classes": data.num_classes,
+                "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std),
+                "settings": teacher_settings(cfg)}
+    model, dataset = meta["model"], meta["dataset"]
     net = create_model(model, meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
     try:
         net.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
     except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file gets the same answer
         raise TeacherError(f"teacher file {source} is not a state dict of {model!r} for "
                            f"{dataset}: {e}") from e
-    target = teacher_path(cache_dir, dataset, model)
+    target = teacher_path(cache_dir, meta["settings"])
     meta = {k: v for k, v in meta.items() if k not in ("sha256", "file")}
     meta["seeded_from"] = str(source.resolve())
     sha256 = copy_teacher(source, target, meta)
-    load_teacher(target, meta["num_classes"], sha256)  # the cache now verifies it like a run does
+    # The cache now verifies it like a run does.
+    load_teacher(target, meta["num_classes"], sha256, settings=meta["settings"])
     return target, sha256
+
+
+def pretrain(cfg: RunConfig, cache_dir: str) -> tuple[Path, str, dict[str, Any]]:
+    """The run's teacher in `cache_dir` (pre-trained when absent): path, sha256, record."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _, sha256, path = prepare_teacher(cfg, load_data(cfg), cache_dir)
+    return path, sha256, json.loads(path.with_suffix(".json").read_text())
 
 
 def show(cache_dir: str) -> list[dict[str, Any]]:
@@ -85,19 +106,35 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
+    cache_help = ("the teacher cache (a node's `teacher-cache-dir`; default: the run config's "
+                  "teacher-cache-dir, else ~/.cache/pmafl/teachers)")
+    config_help = ("run config in flwr's syntax, e.g. \"dataset='fashion-mnist' eps=0.1\" "
+                   "(repeatable; the pyproject defaults otherwise)")
+    p_pre = sub.add_parser("pretrain", help="pre-train the teacher a run will use, unless cached")
+    p_pre.add_argument("--run-config", action="append", default=[], help=config_help)
+    p_pre.add_argument("--cache-dir", default="", help=cache_help)
     p_seed = sub.add_parser("seed", help="copy a teacher file into a cache and print its sha256")
     p_seed.add_argument("file", type=Path)
-    p_seed.add_argument("--cache-dir", default="", help="the node's teacher cache "
-                        "(its `teacher-cache-dir`; default ~/.cache/pmafl/teachers)")
-    p_seed.add_argument("--dataset", help="dataset the teacher was trained for (default: its record)")
-    p_seed.add_argument("--model", help="teacher architecture (default: its record)")
-    p_seed.add_argument("--data-dir", default="", help="dataset folder, when --dataset is needed")
+    p_seed.add_argument("--cache-dir", default="", help=cache_help)
+    p_seed.add_argument("--run-config", action="append", default=None,
+                        help="for a file without a record: the run it is for; " + config_help)
     p_show = sub.add_parser("show", help="list a cache's teachers, checksums and integrity")
     p_show.add_argument("--cache-dir", default="")
     args = parser.parse_args(argv)
     try:
-        if args.command == "seed":
-            target, sha256 = seed(args.file, args.cache_dir, args.dataset, args.model, args.data_dir)
+        if args.command == "pretrain":
+            cfg = parse_run_config(args.run_config)
+            if not needs_teacher(cfg.train.objective):
+                print(f"objective {cfg.train.objective!r} uses no teacher: nothing to pre-train")
+                return 0
+            path, sha256, record = pretrain(cfg, args.cache_dir)
+            print(f"Teacher {path}")
+            print(f"sha256 {sha256}")
+            print(f"on {record['test_examples']} test images: clean {record['test_clean_acc']:.3f}, "
+                  f"PGD-20 {record['test_pgd_acc']:.3f} (eps {record['settings']['eps']:g})")
+        elif args.command == "seed":
+            cfg = parse_run_config(args.run_config) if args.run_config is not None else None
+            target, sha256 = seed(args.file, args.cache_dir, cfg)
             print(f"Seeded {target}")
             print(f"sha256 {sha256}")
             print(f"Runs that must use exactly this teacher: --run-config \"teacher-sha256='{sha256}'\"")
@@ -107,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['status']:<12} {row['sha256']}  {row['file']}")
             if not rows:
                 print("no teachers in this cache")
-    except TeacherError as e:
+    except (TeacherError, ConfigError, FileNotFoundError) as e:
         print(f"pmafl-teacher: {e}", file=sys.stderr)
         return 1
     return 0

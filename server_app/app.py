@@ -5,7 +5,7 @@ folder (`resume-from` continues an interrupted run from it), and writes the resu
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +16,26 @@ from flwr.supercore import log
 
 from pmafl.config import RunConfig
 from pmafl.data import Split
-from pmafl.evaluate import evaluate
+from pmafl.evaluate import catastrophic_overfitting, evaluate
+from pmafl.objectives import needs_teacher
 from pmafl.results import load_checkpoint, new_results_folder, save_checkpoint, write_results
-from pmafl.task import build_model, client_seed, load_data, resolve_device
+from pmafl.task import (
+    build_model,
+    client_seed,
+    eval_split,
+    load_data,
+    prepare_teacher,
+    resolve_device,
+)
 from strategies import PMAFL
 
 app = ServerApp()
 
 
 class CentralEvaluator:
-    """`evaluate_fn` of the strategy: clean and PGD accuracy of the global model on the held-out
-    test split, logged with the run's progress."""
+    """`evaluate_fn` of the strategy: clean, FGSM and PGD accuracy of the global model on the
+    evaluation images (`eval-examples` of the held-out test split) at the full eps, logged with
+    the run's progress."""
 
     def __init__(self, model: torch.nn.Module, test: Split, cfg: RunConfig) -> None:
         self.model, self.cfg = model, cfg
@@ -39,8 +48,8 @@ class CentralEvaluator:
         train = self.cfg.train
         # PGD's random start is seeded per round: a resumed run evaluates as an uninterrupted one.
         torch.manual_seed(client_seed(self.cfg.seed, server_round, -1))
-        scores = evaluate(self.model, self.images, self.labels, train.eps, train.pgd_step,
-                          self.cfg.eval_steps, self.cfg.batch_size * 8)
+        scores = evaluate(self.model, self.images, self.labels, train.eps, self.cfg.eval_steps,
+                          self.cfg.batch_size * 8)
         now = time.time()
         elapsed, rounds = now - self.start, self.cfg.num_server_rounds
         # Round 1 also pays for one-off work (teacher pre-training, Ray start-up): estimate the
@@ -51,9 +60,10 @@ class CentralEvaluator:
         if server_round > 1:
             per_round = (now - self.first_round_end) / (server_round - 1)
             left = f", about {per_round * (rounds - server_round):.0f}s left"
-        log(INFO, "[round %d/%d] global model on test: clean acc %.3f, PGD-%d acc %.3f "
-            "(eps %g) | %.0fs elapsed%s", server_round, rounds, scores["clean_acc"],
-            self.cfg.eval_steps, scores["pgd_acc"], train.eps, elapsed, left)
+        log(INFO, "[round %d/%d] global model on %d test images: clean acc %.3f, FGSM acc %.3f, "
+            "PGD-%d acc %.3f (eps %g) | %.0fs elapsed%s", server_round, rounds, len(self.labels),
+            scores["clean_acc"], scores["fgsm_acc"], self.cfg.eval_steps, scores["pgd_acc"],
+            train.eps, elapsed, left)
         return MetricRecord(scores)
 
 
@@ -67,6 +77,7 @@ def round_row(server_round: int, result: Any, strategy: PMAFL) -> dict[str, Any]
     federated = result.evaluate_metrics_clientapp.get(server_round, {})
     row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
     row["failures"] = strategy.failures.get(server_round, [])
+    row["train_eps"] = strategy.round_eps(server_round) if server_round else 0.0
     return row
 
 
@@ -77,8 +88,10 @@ def main(grid: Grid, context: Context) -> None:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
-    log(INFO, "pmafl: objective %s, dataset %s (%d pool / %d public / %d test images), model %s",
-        cfg.train.objective, cfg.dataset, len(data.pool), len(data.public), len(data.test), cfg.model)
+    log(INFO, "pmafl: objective %s, dataset %s (%d pool / %d public / %d test images, %d of them "
+        "evaluated each round), model %s, eps %g, training attack %s", cfg.train.objective,
+        cfg.dataset, len(data.pool), len(data.public), len(data.test), len(eval_split(cfg, data)),
+        cfg.model, cfg.train.eps, cfg.train.train_attack)
     rows: list[dict[str, Any]] = []
     start_round = 1
     if cfg.resume_from:
@@ -89,7 +102,15 @@ def main(grid: Grid, context: Context) -> None:
     else:
         folder = new_results_folder(Path(cfg.results_dir), cfg.train.objective, cfg.seed)
 
+    if needs_teacher(cfg.train.objective) and not cfg.teacher_sha256:
+        # Pre-training a missing teacher is long: it happens here, before round 1, not inside a
+        # round's timeout. Simulated nodes share this cache. A run that names `teacher-sha256`
+        # has seeded its nodes with that file (`pmafl-teacher seed`): nothing to prepare here.
+        _, sha256, path = prepare_teacher(cfg, data, device=device)
+        log(INFO, "pmafl: teacher %s (sha256 %s)", path, sha256)
+
     strategy = PMAFL(train_config=cfg.train, evaluate_every=cfg.federated_eval_every,
+                     eps_warmup_rounds=cfg.eps_warmup_rounds,
                      fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
@@ -98,11 +119,15 @@ def main(grid: Grid, context: Context) -> None:
         if not rows:
             rows.append(round_row(0, result, strategy))
         rows.append(round_row(server_round, result, strategy))
+        warning = catastrophic_overfitting(rows)
+        if warning:
+            log(WARNING, "round %d: %s", server_round, warning)
+            rows[-1]["warning"] = warning
         save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict())
 
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            evaluate_fn=CentralEvaluator(model, data.test, cfg),
+                            evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg),
                             start_round=start_round, on_round_end=on_round_end)
 
     if len(result.arrays) > 0:  # empty when no round produced a valid aggregate

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from pmafl.config import TrainConfig
+from pmafl.train import warmup_eps
 from strategies.strategy_utils import (
     canonical_order,
     error_summary,
@@ -40,6 +41,9 @@ class PMAFL(FedAvg):
     train_config : TrainConfig (default: TrainConfig())
         Local-training hyperparameters broadcast in every train message (objective, alpha,
         lambda-alg, tau, mixup-alpha, eps, PGD steps, optimiser settings, ...).
+    eps_warmup_rounds : int (default: 0)
+        Ramp the training radius: round r trains at eps * min(1, r / eps_warmup_rounds); 0
+        trains at the full eps from round 1.
     evaluate_every : int (default: 1)
         Federated evaluation (each sampled node on its local test split) every this many rounds
         and in the last round; 0 turns it off, as does fraction_evaluate=0. Its metrics are the
@@ -52,10 +56,11 @@ class PMAFL(FedAvg):
     """
 
     def __init__(self, train_config: TrainConfig | None = None, evaluate_every: int = 1,
-                 **fedavg_kwargs: Any) -> None:
+                 eps_warmup_rounds: int = 0, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.train_config = train_config or TrainConfig()
         self.evaluate_every = evaluate_every
+        self.eps_warmup_rounds = eps_warmup_rounds
         self.num_rounds = 0
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self._sent_shapes: dict[str, tuple[int, ...]] = {}
@@ -67,10 +72,16 @@ class PMAFL(FedAvg):
             log(INFO, "\t│\t├── %s: %s", key, value)
         super().summary()
 
+    def round_eps(self, server_round: int) -> float:
+        """The training radius of a round, after the warm-up ramp."""
+        return warmup_eps(self.train_config.eps, self.eps_warmup_rounds, server_round)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample nodes; send them the global model and the PM-AFL hyperparameters."""
-        config = ConfigRecord({**self.train_config.to_record(), **config})
+        """Sample nodes; send them the global model and the local-training hyperparameters (eps
+        ramped during the warm-up)."""
+        config = ConfigRecord({**self.train_config.to_record(), "eps": self.round_eps(server_round),
+                               **config})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_shapes = {key: tuple(array.shape) for key, array in arrays.items()}
         self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]

@@ -8,10 +8,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client_app.app import evaluate, train
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.evaluate import evaluate as evaluate_model
-from pmafl.task import build_model, client_split, client_test_split, load_data
+from pmafl.task import build_model, client_split, client_test_split, load_data, prepare_teacher
 from pmafl.teacher import TeacherError
 
 RUN = {"teacher-epochs": 1, "teacher-objective": "ce", "num-server-rounds": 1}
+
+
+@pytest.fixture
+def teachers(tmp_path):
+    """A teacher cache holding the run's teacher, as the ServerApp prepares it before round 1."""
+    prepare_teacher(RunConfig.from_mapping(RUN), load_data(RunConfig.from_mapping(RUN)), str(tmp_path))
+    return tmp_path
 
 
 def instruction(cfg, train_config, server_round=1):
@@ -27,7 +34,8 @@ def context(tmp_path, **node):
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=RUN)
 
 
-def test_train_handler_trains_the_partition_and_caches_teacher_logits(tmp_path):
+def test_train_handler_trains_the_partition_and_caches_teacher_logits(teachers):
+    tmp_path = teachers
     cfg = RunConfig.from_mapping(RUN)
     train_config = TrainConfig(local_epochs=1, pgd_steps=2)
     msg, model = instruction(cfg, train_config)
@@ -57,7 +65,8 @@ def test_same_seed_same_reply(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_teacher_checksum_mismatch_fails_on_the_node(tmp_path):
+def test_teacher_checksum_mismatch_fails_on_the_node(teachers):
+    tmp_path = teachers
     run = {**RUN, "teacher-sha256": "f" * 64}
     cfg = RunConfig.from_mapping(run)
     msg, _ = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=1))
@@ -76,14 +85,14 @@ def test_missing_partition_id_is_explained(tmp_path):
         train(msg, ctx)
 
 
-def test_reply_does_not_depend_on_what_the_process_loaded_before(tmp_path):
+def test_reply_does_not_depend_on_what_the_process_loaded_before(teachers):
+    tmp_path = teachers
     """Ray reuses processes across nodes: whether the teacher is already loaded in this process
     must not change a node's training."""
     from pmafl.task import _cached_teacher
 
     cfg = RunConfig.from_mapping(RUN)
     msg, _ = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=2))
-    train(msg, context(tmp_path))  # the teacher is now on disk
     _cached_teacher.cache_clear()
     fresh = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # loads it
     warm = train(msg, context(tmp_path)).content["arrays"].to_torch_state_dict()  # already loaded
@@ -92,7 +101,7 @@ def test_reply_does_not_depend_on_what_the_process_loaded_before(tmp_path):
 
 def test_evaluate_handler_scores_the_local_test_split(tmp_path):
     cfg = RunConfig.from_mapping(RUN)
-    msg, model = instruction(cfg, TrainConfig(eps=0.1, pgd_step=0.03), server_round=4)
+    msg, model = instruction(cfg, TrainConfig(eps=0.1), server_round=4)
     msg = Message(msg.content, dst_node_id=7, message_type="evaluate")
     reply = evaluate(msg, context(tmp_path))
     metrics = reply.content["metrics"]
@@ -105,7 +114,7 @@ def test_evaluate_handler_scores_the_local_test_split(tmp_path):
     assert set(classes) <= set(np.flatnonzero(partition))
     images, labels = split.tensors()
     torch.manual_seed(0)
-    clean = evaluate_model(model, images, labels, 0.1, 0.03, cfg.eval_steps)
+    clean = evaluate_model(model, images, labels, 0.1, cfg.eval_steps)
     assert metrics["clean_acc"] == clean["clean_acc"]
     assert metrics["clean_loss"] == pytest.approx(clean["clean_loss"])
     assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"]

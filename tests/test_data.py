@@ -1,12 +1,22 @@
 """Splits, partitions, and the CIFAR-10 reader on a small fake dataset in the real on-disk format."""
 
+import gzip
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from pmafl.data import load_dataset, local_test_indices, partition_indices
+from pmafl import data as data_module
+from pmafl.data import (
+    FASHION_MNIST_FILES,
+    DatasetError,
+    evaluation_subset,
+    load_dataset,
+    local_test_indices,
+    partition_indices,
+    read_idx,
+)
 
 
 def test_digits_splits_are_disjoint_and_cover_the_data():
@@ -95,3 +105,107 @@ def test_local_test_split_follows_the_client_class_proportions():
     # 40 * (0.6, 0.3, 0.1) = 24, 12, 4 but class 0 has 5; the other 19 go 3:1 -> 14.25, 4.75 -> 14, 5
     assert np.bincount(scarce[index], minlength=4).tolist() == [5, 26, 0, 9]
     assert np.array_equal(index, local_test_indices(scarce, train_labels, 4, size=40, seed=1))
+
+
+def write_idx(path, array):
+    """An IDX file as LeCun's format defines it: 0x0000, type 0x08 (uint8), ndim, sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fake_fashion_mnist(folder, train=60, test=20):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train-images": rng.integers(0, 256, (train, 28, 28)), "train-labels": np.arange(train) % 10,
+              "test-images": rng.integers(0, 256, (test, 28, 28)), "test-labels": np.arange(test) % 10}
+    for key, array in arrays.items():
+        write_idx(folder / FASHION_MNIST_FILES[key], array)
+    return arrays
+
+
+def test_fashion_mnist_reads_the_gzip_idx_files_from_data_dir(tmp_path):
+    arrays = write_fake_fashion_mnist(tmp_path / "fm")
+    data = load_dataset("fashion-mnist", str(tmp_path / "fm"), False, 0.5)
+    assert data.test.images.shape == (20, 1, 28, 28) and data.num_classes == 10
+    assert torch.equal(data.test.images[3, 0], torch.from_numpy(arrays["test-images"][3].astype(np.uint8)))
+    assert data.test.labels.tolist() == arrays["test-labels"].tolist()  # the official test split
+    assert len(data.public) == 30 and len(data.pool) == 30  # both carved from the training images
+    # data-dir may also be the folder above a `fashion-mnist` folder.
+    write_fake_fashion_mnist(tmp_path / "root" / "fashion-mnist")
+    assert len(load_dataset("fashion-mnist", str(tmp_path / "root"), False, 0.5).test) == 20
+
+
+def test_max_pool_keeps_a_stratified_subset_and_the_same_public_split(tmp_path):
+    write_fake_fashion_mnist(tmp_path, train=200)
+    full = load_dataset("fashion-mnist", str(tmp_path), False, 0.5)
+    small = load_dataset("fashion-mnist", str(tmp_path), False, 0.5, 40)
+    assert torch.equal(full.public.images, small.public.images)
+    assert np.bincount(small.pool.labels.numpy()).tolist() == [4] * 10
+    pool = {bytes(x.numpy()) for x in full.pool.images}
+    assert all(bytes(x.numpy()) in pool for x in small.pool.images)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-7], "bytes, expected"),                      # truncated data
+    (lambda raw: bytes([0, 0, 8, 1]) + raw[4:], "magic number 00000801"),  # wrong ndim
+    (lambda raw: bytes([0, 0, 0x0D, 3]) + raw[4:], "magic number 00000d03"),  # float IDX
+])
+def test_a_corrupt_idx_file_is_refused_naming_it(tmp_path, damage, message):
+    write_fake_fashion_mnist(tmp_path)
+    path = tmp_path / FASHION_MNIST_FILES["train-images"]
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(damage(raw))
+    with pytest.raises(DatasetError, match=f"{path.name}.*{message}"):
+        load_dataset("fashion-mnist", str(tmp_path), False, 0.5)
+
+
+def test_a_cut_gzip_stream_and_bad_labels_are_refused(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    path = tmp_path / FASHION_MNIST_FILES["test-images"]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: not a readable gzip file"):
+        read_idx(path, 3)
+    write_idx(tmp_path / FASHION_MNIST_FILES["test-images"], np.zeros((20, 28, 28)))
+    write_idx(tmp_path / FASHION_MNIST_FILES["test-labels"], np.full(20, 12))
+    with pytest.raises(DatasetError, match="label 12 outside 0..9"):
+        load_dataset("fashion-mnist", str(tmp_path), False, 0.5)
+    write_idx(tmp_path / FASHION_MNIST_FILES["test-labels"], np.zeros(19))
+    with pytest.raises(DatasetError, match="19 labels for 20 images"):
+        load_dataset("fashion-mnist", str(tmp_path), False, 0.5)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN", tmp_path / "not-installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", "", False, 0.1)
+    # Without data-dir the Debian package's folder is used.
+    write_fake_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN", tmp_path / "debian")
+    assert len(load_dataset("fashion-mnist", "", False, 0.2).test) == 20
+
+
+def test_download_fetches_the_four_files_into_the_cache(tmp_path, monkeypatch):
+    """The download path, against a local mirror (file:// URL) instead of the network."""
+    write_fake_fashion_mnist(tmp_path / "mirror")
+    monkeypatch.setattr(data_module, "FASHION_MNIST_URL", (tmp_path / "mirror").as_uri() + "/")
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN", tmp_path / "not-installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = load_dataset("fashion-mnist", "", True, 0.3)
+    assert len(data.test) == 20
+    assert all((tmp_path / "cache" / "pmafl" / "data" / "fashion-mnist" / f).is_file()
+               for f in FASHION_MNIST_FILES.values())
+
+
+@pytest.mark.skipif(not data_module.FASHION_MNIST_DEBIAN.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_real_fashion_mnist_files():
+    data = load_dataset("fashion-mnist", "", False, 0.1)
+    assert len(data.test) == 10_000 and len(data.public) + len(data.pool) == 60_000
+    assert np.bincount(data.test.labels.numpy()).tolist() == [1000] * 10
+    assert len(data.public) == 6000 and data.test.images.shape[1:] == (1, 28, 28)
+    subset = evaluation_subset(data.test, 1000)
+    assert np.bincount(subset.labels.numpy()).tolist() == [100] * 10

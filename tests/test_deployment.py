@@ -17,8 +17,10 @@ import pytest
 import torch
 from test_simulation import BIN, ROOT, free_ports, wait_for_port
 
+from pmafl.config import RunConfig
 from pmafl.data import load_dataset
 from pmafl.models import create_model
+from pmafl.task import teacher_settings
 from pmafl.teacher import save_teacher
 
 sys.path.insert(0, str(ROOT / "docker"))
@@ -73,7 +75,8 @@ def make_teacher(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = create_model("cnn-large", 10, 1, data.mean, data.std)
     save_teacher(model, path, {"model": "cnn-large", "dataset": "digits", "num_classes": 10,
-                               "in_channels": 1, "mean": list(data.mean), "std": list(data.std)})
+                               "in_channels": 1, "mean": list(data.mean), "std": list(data.std),
+                               "settings": teacher_settings(RunConfig())})
 
 
 @pytest.fixture

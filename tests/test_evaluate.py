@@ -2,11 +2,20 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from pmafl.data import evaluation_subset, load_dataset
 from pmafl.eval_cli import run
-from pmafl.evaluate import accuracy, evaluate, gradient_masking_warnings
+from pmafl.evaluate import (
+    accuracy,
+    catastrophic_overfitting,
+    eval_pgd,
+    evaluate,
+    gradient_masking_warnings,
+    sweep_radii,
+)
 from pmafl.models import create_model
 from pmafl.teacher import save_teacher
 
@@ -32,7 +41,7 @@ def test_accuracy_counts_correct_predictions():
 def test_pgd_accuracy_matches_the_margin_it_can_cross():
     images = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.42, 0.58, 0.9)])
     labels = torch.tensor([0, 0, 1, 1])
-    scores = evaluate(Fixed(), images, labels, eps=0.1, step=0.025)
+    scores = evaluate(Fixed(), images, labels, eps=0.1)
     # eps 0.1 flips the two images within 0.1 of the 0.5 boundary, not the other two
     assert scores["clean_acc"] == 1.0 and scores["pgd_acc"] == pytest.approx(0.5)
 
@@ -52,14 +61,23 @@ def test_cli_evaluates_a_cached_teacher_and_writes_json(tmp_path):
     path = tmp_path / "digits--cnn-small.pt"
     save_teacher(create_model("cnn-small", 10, 1, [0.3], [0.4]), path,
                  {"model": "cnn-small", "dataset": "digits", "num_classes": 10, "in_channels": 1,
-                  "mean": [0.3], "std": [0.4], "eps": 0.2})
-    report = run([str(path), "--limit", "24", "--autoattack-n", "4", "--sweep", "0,1,5"])
+                  "mean": [0.3], "std": [0.4], "settings": {"eps": 0.2, "public_fraction": 0.3}})
+    report = run([str(path), "--limit", "24", "--autoattack-n", "4", "--sweep", "0,1,2,5"])
     written = json.loads((tmp_path / "digits--cnn-small.pt.robustness.json").read_text())
     assert written == report
     assert report["eps"] == 0.2 and report["num_examples"] == 24 and report["autoattack_n"] == 4
     for key in ("clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc", "autoattack_acc"):
         assert 0.0 <= report[key] <= 1.0
-    assert [row["eps"] for row in report["eps_sweep"]] == [0.0, 0.2, 1.0]
+    # 5 x 0.2 = 1.0 proves nothing (any image reaches grey at 0.5): the sweep stops at 0.4.
+    assert [row["eps"] for row in report["eps_sweep"]] == [0.0, 0.2, 0.4]
+    # The teacher normalises as its record says (mean 0.3, std 0.4), on the stratified subset.
+    data = load_dataset("digits")
+    images, labels = evaluation_subset(data.test, 24).tensors()
+    assert np.bincount(labels.numpy(), minlength=10).min() >= 2  # every class, in proportion
+    model = create_model("cnn-small", 10, 1, [0.3], [0.4])
+    model.load_state_dict(torch.load(path, weights_only=True))
+    assert report["clean_acc"] == accuracy(model, images, labels)
+    assert data.mean != (0.3,)
     assert report["eps_sweep"][0]["pgd20_acc"] == report["clean_acc"]
 
 
@@ -68,3 +86,28 @@ def test_cli_needs_an_architecture_when_nothing_records_it(tmp_path):
     torch.save({}, path)
     with pytest.raises(SystemExit, match="no record beside .* gives --model"):
         run([str(path)])
+
+
+def test_catastrophic_overfitting_is_flagged_when_pgd_collapses_as_fgsm_rises():
+    rows = [{"round": 0, "clean_acc": 0.1, "fgsm_acc": 0.1, "pgd_acc": 0.1},
+            {"round": 1, "fgsm_acc": 0.50, "pgd_acc": 0.40},
+            {"round": 2, "fgsm_acc": 0.55, "pgd_acc": 0.42}]
+    assert catastrophic_overfitting(rows) == ""
+    collapsed = rows + [{"round": 3, "fgsm_acc": 0.80, "pgd_acc": 0.05}]
+    assert "PGD accuracy 0.050 (best 0.420 in round 2) while FGSM accuracy rose to 0.800" in \
+        catastrophic_overfitting(collapsed)
+    # PGD falling with FGSM falling too is a plain bad round, not catastrophic overfitting.
+    assert catastrophic_overfitting(rows + [{"round": 3, "fgsm_acc": 0.3, "pgd_acc": 0.05}]) == ""
+
+
+def test_sweep_radii_stop_where_reaching_zero_still_proves_something():
+    assert sweep_radii(0.1, [0, 1, 2, 3, 4, 5]) == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
+    assert sweep_radii(0.2, [0, 0.25, 1, 2, 3]) == pytest.approx([0, 0.05, 0.2, 0.4])
+
+
+def test_evaluate_reports_fgsm_and_pgd_with_step_eps_over_4():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.42, 0.58, 0.9)])
+    labels = torch.tensor([0, 0, 1, 1])
+    scores = evaluate(Fixed(), images, labels, eps=0.1, steps=20)
+    assert scores["fgsm_acc"] == pytest.approx(0.5) and scores["pgd_acc"] == pytest.approx(0.5)
+    assert eval_pgd(Fixed(), 0.1).step == pytest.approx(0.025)

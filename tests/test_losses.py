@@ -7,6 +7,8 @@ import torch
 
 from pmafl.losses import (
     adversarial_mixture_kd,
+    calibrated_cross_entropy,
+    calibrated_logits,
     cross_entropy,
     global_consistency,
     kd_kl,
@@ -99,3 +101,18 @@ def test_mart_weighted_kl_matches_hand_computation():
                    for c, a, y in zip(S, S2, labels)) / 2
     got = mart_weighted_kl(torch.tensor(S), torch.tensor(S2), torch.tensor(labels)).item()
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_calibrated_cross_entropy_by_hand():
+    """CalFAT: CE(z + tau log pi, y) for z = (1, 0, -1), pi = (0.5, 0.25, 0.25), tau = 1, y = 1."""
+    log_prior = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    calibrated = [1.0 + math.log(0.5), 0.0 + math.log(0.25), -1.0 + math.log(0.25)]
+    expected = -math.log(softmax(calibrated)[1])
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    assert calibrated_logits(logits, log_prior)[0].tolist() == pytest.approx(calibrated)
+    loss = calibrated_cross_entropy(logits, torch.tensor([1]), log_prior)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # A uniform prior shifts every logit alike: plain CE.
+    uniform = torch.log(torch.full((3,), 1 / 3))
+    assert calibrated_cross_entropy(logits, torch.tensor([1]), uniform).item() == \
+        pytest.approx(cross_entropy(logits, torch.tensor([1])).item(), rel=1e-6)

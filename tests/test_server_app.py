@@ -9,7 +9,7 @@ from inprocess import InProcessGrid
 from client_app.app import evaluate, train
 from pmafl.config import RunConfig
 from pmafl.results import CheckpointError, load_checkpoint, save_checkpoint
-from pmafl.task import build_model, load_data
+from pmafl.task import build_model, load_data, prepare_teacher
 from server_app.app import main
 
 
@@ -39,6 +39,29 @@ def test_federation_writes_per_round_results(tmp_path):
         assert row["fed_worst_clean_acc"] <= row["fed_clean_acc"]
 
 
+def test_eps_warmup_ramps_the_radius_the_nodes_train_at(tmp_path):
+    sent = []
+
+    class Recording(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            sent.extend((m.metadata.message_type, m.content["config"]["eps"]) for m in messages)
+            return super().send_and_receive(messages, timeout)
+
+    run_config = {"num-server-rounds": 3, "federated-eval-every": 3, "local-epochs": 1,
+                  "pgd-steps": 1, "eval-steps": 2, "objective": "pgd-at", "eps-warmup-rounds": 2,
+                  "results-dir": str(tmp_path / "results")}
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 2} for i in range(2)}
+    grid = Recording({"train": train, "evaluate": evaluate}, nodes, run_config)
+    main(grid, grid.contexts[100])
+    assert [eps for kind, eps in sent if kind == "train"] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.2, 0.2])
+    assert [eps for kind, eps in sent if kind == "evaluate"] == pytest.approx([0.2, 0.2])  # full eps
+    [folder] = (tmp_path / "results").iterdir()
+    rows = json.loads((folder / "results.json").read_text())["rounds"]
+    assert [r["train_eps"] for r in rows] == pytest.approx([0.0, 0.1, 0.2, 0.2])
+    assert all(0 <= r["fgsm_acc"] <= 1 for r in rows)
+
+
 def test_same_seed_same_per_round_metrics_whatever_the_reply_order(tmp_path):
     """Two runs with one seed, their replies arriving in different orders: identical metrics."""
     _, first = run_federation(tmp_path / "a", shuffle_seed=1, **{"num-server-rounds": 3})
@@ -49,6 +72,9 @@ def test_same_seed_same_per_round_metrics_whatever_the_reply_order(tmp_path):
 
 
 def test_every_node_failing_leaves_the_initial_model_and_a_record(tmp_path):
+    # The nodes hold a teacher, but not the one the run names.
+    cfg = RunConfig.from_mapping({"teacher-epochs": 1, "teacher-objective": "ce"})
+    prepare_teacher(cfg, load_data(cfg), str(tmp_path / "teachers"))
     folder, results = run_federation(tmp_path, **{"teacher-sha256": "0" * 64, "num-server-rounds": 1})
     [failure_round] = [r for r in results["rounds"] if r["failures"]]
     assert sorted(f["node"] for f in failure_round["failures"]) == [100, 101, 102]

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from pmafl.config import RunConfig
 from pmafl.data import load_dataset
 from pmafl.models import create_model
+from pmafl.task import get_teacher, teacher_settings
 from pmafl.teacher import (
     TeacherError,
     ensure_teacher,
@@ -16,13 +18,15 @@ from pmafl.teacher import (
     teacher_path,
 )
 
-META = {"model": "cnn-small", "num_classes": 10, "in_channels": 1, "mean": [0.3], "std": [0.4]}
+SETTINGS = teacher_settings(RunConfig.from_mapping({"teacher-model": "cnn-small"}))
+META = {"model": "cnn-small", "dataset": "digits", "num_classes": 10, "in_channels": 1,
+        "mean": [0.3], "std": [0.4], "settings": SETTINGS}
 
 
 def saved_teacher(tmp_path):
     torch.manual_seed(0)
     model = create_model("cnn-small", 10, 1, [0.3], [0.4])
-    path = tmp_path / "digits--cnn-small.pt"
+    path = teacher_path(tmp_path, SETTINGS)
     return model, path, save_teacher(model, path, META)
 
 
@@ -69,13 +73,59 @@ def test_wrong_number_of_classes_is_refused(tmp_path):
 
 def test_ensure_teacher_builds_once_then_reuses(tmp_path):
     data = load_dataset("digits")
-    path = teacher_path(tmp_path, "digits", "cnn-small")
-    _, sha256 = ensure_teacher(path, data, "digits", "cnn-small", "ce", epochs=1, eps=0.2, pgd_step=0.05)
+    settings = {**SETTINGS, "objective": "ce", "epochs": 1}
+    path = teacher_path(tmp_path, settings)
+    _, sha256 = ensure_teacher(path, data, settings, data.test)
     built = path.stat().st_mtime_ns
-    _, again = ensure_teacher(path, data, "digits", "cnn-small", "ce", epochs=1, eps=0.2, pgd_step=0.05)
+    _, again = ensure_teacher(path, data, settings, data.test)
     assert again == sha256 and path.stat().st_mtime_ns == built
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["dataset"] == "digits" and 0.0 <= record["test_clean_acc"] <= 1.0
+    assert record["settings"] == settings and record["test_examples"] == len(data.test)
+
+
+@pytest.mark.parametrize("key, value", [("eps", 0.1), ("objective", "ce"), ("epochs", 5),
+                                        ("attack", "fgsm-rs"), ("public_fraction", 0.2)])
+def test_every_setting_that_defines_the_teacher_picks_another_file(key, value):
+    assert teacher_path("", {**SETTINGS, key: value}) != teacher_path("", SETTINGS)
+
+
+def test_run_config_changes_that_define_the_teacher_change_its_settings():
+    base = teacher_settings(RunConfig())
+    for overrides in ({"eps": 0.1}, {"teacher-objective": "ce"}, {"teacher-epochs": 3},
+                      {"public-fraction": 0.2}, {"teacher-attack": "fgsm-rs"}):
+        assert teacher_settings(RunConfig.from_mapping(overrides)) != base, overrides
+    assert teacher_settings(RunConfig.from_mapping({"lr": 0.1, "seed": 4})) == base
+
+
+def test_a_record_with_other_settings_is_refused_by_name(tmp_path):
+    _, path, _ = saved_teacher(tmp_path)
+    expected = "other settings than the run's \\(eps: 0.2 recorded, 0.1 wanted\\)"
+    with pytest.raises(TeacherError, match=expected):
+        load_teacher(path, 10, settings={**SETTINGS, "eps": 0.1})
+
+
+def test_a_node_never_pretrains_inside_a_round(tmp_path):
+    """get_teacher (the ClientApp's) refuses a missing teacher with the command that prepares it."""
+    cfg = RunConfig.from_mapping({"teacher-cache-dir": str(tmp_path)})
+    with pytest.raises(TeacherError, match="pmafl-teacher pretrain"):
+        get_teacher(cfg, load_dataset("digits"))
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_pretrain_command_builds_the_teacher_a_run_looks_for(tmp_path, capsys):
+    from pmafl.teacher_cli import main
+
+    overrides = "teacher-model='cnn-small' teacher-objective='ce' teacher-epochs=1"
+    assert main(["pretrain", "--cache-dir", str(tmp_path), "--run-config", overrides]) == 0
+    out = capsys.readouterr().out
+    cfg = RunConfig.from_mapping({"teacher-model": "cnn-small", "teacher-objective": "ce",
+                                  "teacher-epochs": 1, "teacher-cache-dir": str(tmp_path)})
+    path = teacher_path(tmp_path, teacher_settings(cfg))
+    assert f"Teacher {path}" in out and f"sha256 {file_sha256(path)}" in out
+    assert get_teacher(cfg, load_dataset("digits"))[1] == file_sha256(path)
+    assert main(["pretrain", "--run-config", "eps=-1"]) == 1
+    assert "--run-config key 'eps': expected a number >= 0" in capsys.readouterr().err
 
 
 def test_seed_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, capsys):
@@ -83,11 +133,11 @@ def test_seed_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, ca
 
     model, source, sha256 = saved_teacher(tmp_path / "elsewhere")
     record = json.loads(source.with_suffix(".json").read_text())
-    source.with_suffix(".json").write_text(json.dumps({**record, "dataset": "digits"}))
+    assert record["settings"] == SETTINGS
     assert main(["seed", str(source), "--cache-dir", str(tmp_path / "node")]) == 0
     out = capsys.readouterr().out
     assert f"sha256 {sha256}" in out and f"teacher-sha256='{sha256}'" in out
-    target = teacher_path(tmp_path / "node", "digits", "cnn-small")
+    target = teacher_path(tmp_path / "node", SETTINGS)
     assert target.read_bytes() == source.read_bytes()
     loaded, loaded_sha = load_teacher(target, 10, sha256)  # what a node's run does
     assert loaded_sha == sha256
@@ -102,14 +152,15 @@ def test_seed_command_refuses_bad_files_with_the_reason(tmp_path, capsys):
     bare = tmp_path / "weights.pt"
     bare.write_bytes(source.read_bytes())
     assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node")]) == 1
-    assert "pass --dataset and --model" in capsys.readouterr().err
-    # No record: the architecture comes from the flags, and must fit the weights.
-    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--dataset", "digits",
-                 "--model", "cnn-large"]) == 1
+    assert "pass --run-config with the run it is for" in capsys.readouterr().err
+    # No record: the settings come from the run config, and the architecture must fit the weights.
+    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
+                 "teacher-model='cnn-large'"]) == 1
     assert "is not a state dict of 'cnn-large' for digits" in capsys.readouterr().err
-    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--dataset", "digits",
-                 "--model", "cnn-small"]) == 0
+    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
+                 "teacher-model='cnn-small'"]) == 0
     assert f"sha256 {file_sha256(bare)}" in capsys.readouterr().out
+    assert teacher_path(tmp_path / "node", SETTINGS).read_bytes() == bare.read_bytes()
     # A file that no longer matches its own record is refused.
     with source.open("ab") as f:
         f.write(b"x")

@@ -1,5 +1,7 @@
 """Local training: the objectives as compositions, and the plug-in function's contract."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from pmafl.config import TrainConfig
 from pmafl.data import make_loader
 from pmafl.losses import adversarial_mixture_kd, global_consistency, trades_kl, vanilla_mixture_kd
 from pmafl.models import create_model
-from pmafl.train import OBJECTIVES, StepContext, pmafl_step, pmafl_train
+from pmafl.objectives import OBJECTIVES, StepContext, pmafl_step
+from pmafl.train import class_log_prior, pmafl_train, warmup_eps
 
 
 def tiny_problem(n=48, seed=0):
@@ -29,7 +32,7 @@ def test_pmafl_step_is_the_weighted_sum_of_its_terms():
     student, teacher = model(0), model(1).eval()
     global_model = model(2).eval()
     cfg = TrainConfig(alpha=0.3, lambda_alg=0.2, tau=2.0, mixup_alpha=1.0, pgd_steps=2)
-    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), None, teacher, global_model)
+    ctx = StepContext(cfg, student, teacher, global_model)
     torch.manual_seed(7)
     terms = pmafl_step(student, x, y, None, ctx)
     expected = 0.3 * terms["loss-vkd"] + 0.7 * terms["loss-akd"] + 0.2 * terms["loss-alg"]
@@ -56,22 +59,24 @@ def test_without_mixup_the_blend_terms_repeat_the_plain_ones():
     x, y = tiny_problem(8)
     student, teacher = model(0), model(1).eval()
     cfg = TrainConfig(mixup_alpha=0.0, pgd_steps=2)
-    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps), None, teacher, model(2).eval())
+    ctx = StepContext(cfg, student, teacher, model(2).eval())
     terms = pmafl_step(student, x, y, None, ctx)
     with torch.no_grad():
         half = vanilla_mixture_kd(student(x), student(x), teacher(x), teacher(x), 1.0).item()
     assert terms["loss-vkd"].item() == pytest.approx(half, rel=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["ce", "pgd-at", "pmafl"])
-def test_training_lowers_the_loss_and_reports_num_examples(objective):
+@pytest.mark.parametrize("objective, train_attack", [
+    ("ce", "pgd"), ("pgd-at", "pgd"), ("pmafl", "pgd"), ("pgd-at", "fgsm-rs"), ("pmafl", "fgsm-rs"),
+    ("calfat", "fgsm-rs")])
+def test_training_lowers_the_loss_and_reports_num_examples(objective, train_attack):
     x, y = tiny_problem()
     student, teacher = model(0), model(1).eval()
     with torch.no_grad():
         teacher_logits = 3 * torch.nn.functional.one_hot(y, 4).float()  # a confident, correct teacher
     loader = make_loader(x, y, teacher_logits, batch_size=16, shuffle=True)
-    cfg = TrainConfig(objective=objective, lr=0.02, eps=0.05, pgd_step=0.02, pgd_steps=3,
-                      lambda_alg=0.0, local_epochs=1)
+    cfg = TrainConfig(objective=objective, lr=0.02, eps=0.05, pgd_step_ratio=0.4, pgd_steps=3,
+                      lambda_alg=0.0, local_epochs=1, train_attack=train_attack)
     first = pmafl_train(student, teacher, loader, cfg)
     for _ in range(8):
         last = pmafl_train(student, teacher, loader, cfg)
@@ -119,10 +124,9 @@ def baseline_terms(objective, seed=3):
     x, y = tiny_problem(8)
     student = model(0)
     cfg = TrainConfig(objective=objective, pgd_steps=2, beta=6.0)
-    ctx = StepContext(cfg, PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps),
-                      PGD(student, cfg.eps, cfg.pgd_step, cfg.pgd_steps, loss="kl"))
+    ctx = StepContext(cfg, student)
     torch.manual_seed(seed)
-    return OBJECTIVES[objective](student, x, y, None, ctx)
+    return OBJECTIVES[objective].step(student, x, y, None, ctx)
 
 
 @pytest.mark.parametrize("objective, parts", [
@@ -162,3 +166,34 @@ def test_ablation_is_pmafl_with_one_ingredient_off(ablation, override):
         torch.manual_seed(5)
         results.append(pmafl_train(student, teacher, loader, cfg))
     assert results[0] == results[1]
+
+
+def test_warmup_ramps_eps_linearly_then_holds_it():
+    assert [warmup_eps(0.1, 4, r) for r in (1, 2, 4, 9)] == pytest.approx([0.025, 0.05, 0.1, 0.1])
+    assert warmup_eps(0.1, 0, 1) == 0.1
+
+
+def test_class_log_prior_is_the_log_of_the_label_frequencies():
+    prior = class_log_prior(torch.tensor([0, 0, 0, 2, 2, 2]), 4)
+    # Absent classes 1 and 3 count as one example each (as CalFAT's code does): 3, 1, 3, 1 of 8.
+    assert prior.tolist() == pytest.approx([math.log(3 / 8), math.log(1 / 8)] * 2)
+
+
+def test_calfat_trains_with_the_prior_of_the_loader_labels():
+    """pmafl_train hands CalFAT the log prior of the node's labels: its loss equals the calibrated
+    CE recomputed by hand on the same adversarial examples."""
+    x, y = tiny_problem(8)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 3])
+    student = model(0)
+    cfg = TrainConfig(objective="calfat", local_epochs=1, lr=1e-9, momentum=0.0, weight_decay=0.0,
+                      train_attack="fgsm-rs", calfat_tau=1.0)
+    loader = make_loader(x, y, batch_size=8, shuffle=False)
+    torch.manual_seed(3)
+    metrics = pmafl_train(student, None, loader, cfg)
+    torch.manual_seed(3)
+    next(iter(loader))  # a DataLoader draws its worker seed from the global generator
+    log_prior = torch.log(torch.tensor([5 / 9, 2 / 9, 1 / 9, 1 / 9]))
+    from pmafl.objectives import calfat_step
+
+    expected = calfat_step(student, x, y, None, StepContext(cfg, student, log_prior=log_prior))
+    assert metrics["loss"] == pytest.approx(expected["loss"].item(), rel=1e-4)

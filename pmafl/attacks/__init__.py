@@ -2,7 +2,7 @@
 
 from pmafl.attacks.autoattack import AutoAttack
 from pmafl.attacks.base import Attack
-from pmafl.attacks.fgsm import FGSM
+from pmafl.attacks.fgsm import FGSM, FGSMRS
 from pmafl.attacks.pgd import PGD
 
-__all__ = ["Attack", "AutoAttack", "FGSM", "PGD"]
+__all__ = ["Attack", "AutoAttack", "FGSM", "FGSMRS", "PGD"]

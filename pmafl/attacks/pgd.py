@@ -38,8 +38,9 @@ class PGD(Attack):
     def __init__(self, model: nn.Module, eps: float, step: float, steps: int,
                  random_start: bool = True, loss: str = "ce") -> None:
         super().__init__(model)
-        if eps < 0 or step <= 0 or steps < 1:
-            raise ValueError(f"PGD needs eps >= 0, step > 0, steps >= 1; got {eps}, {step}, {steps}")
+        if eps < 0 or step < 0 or (step == 0 and eps > 0) or steps < 1:
+            raise ValueError(f"PGD needs eps >= 0, step > 0 (0 only with eps 0), steps >= 1; got "
+                             f"{eps}, {step}, {steps}")
         self.eps, self.step, self.steps, self.random_start = eps, step, steps, random_start
         self.loss_fn = ATTACK_LOSSES[loss]
 

@@ -1,0 +1,206 @@
+"""Local objectives, one registry: every objective is a step function composed from the loss terms
+in `pmafl.losses`, plus what it needs (a teacher, the client's class prior) and, for the PM-AFL
+ablations, the `TrainConfig` fields it pins.
+
+A step takes the model in train mode, a batch `x` (in [0, 1]), labels `y`, the teacher's logits
+on `x` when the loader carries them, and a `StepContext`; it returns the loss to back-propagate
+under "loss" and every term by name (averaged per epoch into the client's metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pmafl.attacks import FGSMRS, PGD, Attack
+from pmafl.losses import (
+    adversarial_mixture_kd,
+    calibrated_cross_entropy,
+    calibrated_logits,
+    cross_entropy,
+    global_consistency,
+    mart_boosted_ce,
+    mart_weighted_kl,
+    pmafl_objective,
+    trades_kl,
+    vanilla_mixture_kd,
+)
+
+if TYPE_CHECKING:
+    from pmafl.config import TrainConfig
+
+Terms = dict[str, torch.Tensor]
+TRAIN_ATTACKS = ("pgd", "fgsm-rs")
+
+
+def training_attack(model: nn.Module, config: TrainConfig, loss: str) -> Attack:
+    """The attack local training uses: PGD-K (step eps * pgd-step-ratio) or FGSM with random start
+    (Wong et al. 2020: one step of 1.25 eps from a uniform start in the ball), maximising `loss`."""
+    if config.train_attack == "fgsm-rs":
+        return FGSMRS(model, config.eps, loss=loss)
+    return PGD(model, config.eps, config.eps * config.pgd_step_ratio, config.pgd_steps, loss=loss)
+
+
+@dataclass
+class StepContext:
+    """What an objective needs besides the batch."""
+
+    config: TrainConfig
+    model: nn.Module
+    teacher: nn.Module | None = None
+    global_model: nn.Module | None = None
+    log_prior: torch.Tensor | None = None  # log class prior of the client's data (CalFAT)
+
+    def attack(self, x: torch.Tensor, targets: torch.Tensor, loss: str = "ce",
+               model: nn.Module | None = None) -> torch.Tensor:
+        """Adversarial examples for `x` against `model` (default: the trained model)."""
+        return training_attack(model or self.model, self.config, loss)(x, targets)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def forward_views(model: nn.Module, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The model's logits on several views of one batch. Without BatchNorm, one forward over the
+    concatenated views (fewer, larger kernels); with it, one forward per view, so that clean and
+    adversarial images never share batch statistics."""
+    if has_batchnorm(model):
+        return tuple(model(v) for v in views)
+    return model(torch.cat(views)).split(len(views[0]))
+
+
+def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+            ctx: StepContext) -> Terms:
+    """FedAvg: CE(S(x), y)."""
+    return {"loss": cross_entropy(model(x), y)}
+
+
+def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """Madry adversarial training: CE(S(x_adv), y), x_adv maximising CE."""
+    return {"loss": cross_entropy(model(ctx.attack(x, y)), y)}
+
+
+def pmafl_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """PM-AFL: L = alpha*L_VKD + (1-alpha)*L_AKD + lambda*L_ALG (+ ce_weight * CE(S(x), y))."""
+    cfg, teacher, global_model = ctx.config, ctx.teacher, ctx.global_model
+    assert teacher is not None and global_model is not None
+    with torch.no_grad():
+        if teacher_logits is None:
+            teacher_logits = teacher(x)
+    lam = (torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample().item()
+           if cfg.mixup_alpha > 0 else 1.0)
+    perm = torch.randperm(len(x), device=x.device)
+    x_mix = lam * x + (1 - lam) * x[perm]
+    if cfg.attack_loss == "kl":
+        x_adv = ctx.attack(x, torch.softmax(teacher_logits / cfg.tau, dim=1), loss="kl")
+    else:
+        x_adv = ctx.attack(x, y, loss=cfg.attack_loss)
+    x_adv_mix = lam * x_adv + (1 - lam) * x_adv[perm]
+    with torch.no_grad():
+        teacher_mix_logits = teacher(x_mix)
+        global_logits = global_model(x)
+    s_clean, s_mix, s_adv, s_adv_mix = forward_views(model, x, x_mix, x_adv, x_adv_mix)
+    l_vkd = vanilla_mixture_kd(s_clean, s_mix, teacher_logits, teacher_mix_logits, cfg.tau)
+    l_akd = adversarial_mixture_kd(s_adv, s_adv_mix, teacher_logits, teacher_mix_logits, cfg.tau)
+    l_alg = global_consistency(s_adv, global_logits)
+    loss = pmafl_objective(l_vkd, l_akd, l_alg, cfg.alpha, cfg.lambda_alg)
+    terms = {"loss-vkd": l_vkd, "loss-akd": l_akd, "loss-alg": l_alg}
+    if cfg.ce_weight > 0:
+        terms["loss-ce"] = cross_entropy(s_clean, y)
+        loss = loss + cfg.ce_weight * terms["loss-ce"]
+    return {"loss": loss, **terms}
+
+
+def fat_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """FAT-style mix of clean and adversarial training: (CE(S(x), y) + CE(S(x_adv), y)) / 2."""
+    x_adv = ctx.attack(x, y)
+    s_clean, s_adv = forward_views(model, x, x_adv)
+    l_clean, l_adv = cross_entropy(s_clean, y), cross_entropy(s_adv, y)
+    return {"loss": 0.5 * (l_clean + l_adv), "loss-clean": l_clean, "loss-adv": l_adv}
+
+
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """TRADES: CE(S(x), y) + beta * KL(p_S(x) || p_S(x_adv)), x_adv maximising that KL."""
+    with torch.no_grad():
+        clean_probs = torch.softmax(model.eval()(x), dim=1)
+    model.train()
+    x_adv = ctx.attack(x, clean_probs, loss="kl")
+    s_clean, s_adv = forward_views(model, x, x_adv)
+    l_ce, l_kl = cross_entropy(s_clean, y), trades_kl(s_clean, s_adv)
+    return {"loss": l_ce + ctx.config.beta * l_kl, "loss-ce": l_ce, "loss-kl": l_kl}
+
+
+def mart_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """MART: BCE(S(x_adv), y) + beta * KL(p_S(x) || p_S(x_adv)) * (1 - p_S(x)_y)."""
+    x_adv = ctx.attack(x, y)
+    s_clean, s_adv = forward_views(model, x, x_adv)
+    l_bce, l_kl = mart_boosted_ce(s_adv, y), mart_weighted_kl(s_clean, s_adv, y)
+    return {"loss": l_bce + ctx.config.beta * l_kl, "loss-bce": l_bce, "loss-kl": l_kl}
+
+
+class _Calibrated(nn.Module):
+    """model(x) + offset: the attack of CalFAT runs on calibrated logits."""
+
+    def __init__(self, model: nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.offset = model, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return calibrated_logits(self.model(x), self.offset)
+
+
+def calfat_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """CalFAT (Chen et al. 2022): CE(S(x_adv) + tau log pi, y), pi the client's class prior, with
+    x_adv maximising KL(p(x) || p(x_adv)) between the calibrated clean and adversarial outputs (as
+    the official code's `kl_adv` does; TRADES' attack on calibrated logits)."""
+    assert ctx.log_prior is not None
+    offset = ctx.config.calfat_tau * ctx.log_prior
+    calibrated = _Calibrated(model, offset)
+    with torch.no_grad():
+        clean_probs = torch.softmax(calibrated.eval()(x), dim=1)
+    model.train()
+    x_adv = ctx.attack(x, clean_probs, loss="kl", model=calibrated)
+    return {"loss": calibrated_cross_entropy(model(x_adv), y, offset)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    step: Callable[..., Terms]
+    doc: str
+    needs_teacher: bool = False
+    needs_prior: bool = False
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+_PMAFL = "PM-AFL: vanilla + adversarial mixture KD + consistency with the global model"
+OBJECTIVES: dict[str, Objective] = {
+    "pmafl": Objective(pmafl_step, _PMAFL, needs_teacher=True),
+    "ce": Objective(ce_step, "FedAvg, clean cross-entropy"),
+    "pgd-at": Objective(pgd_at_step, "FedAvg + Madry adversarial training"),
+    "fat": Objective(fat_step, "clean + adversarial cross-entropy"),
+    "trades": Objective(trades_step, "TRADES, `beta`"),
+    "mart": Objective(mart_step, "MART, `beta`"),
+    "calfat": Objective(calfat_step, "CalFAT, calibrated by the client's class prior",
+                        needs_prior=True),
+    "pmafl-no-vkd": Objective(pmafl_step, "ablation: alpha 0", True, overrides={"alpha": 0.0}),
+    "pmafl-no-akd": Objective(pmafl_step, "ablation: alpha 1", True, overrides={"alpha": 1.0}),
+    "pmafl-no-alg": Objective(pmafl_step, "ablation: lambda 0", True, overrides={"lambda_alg": 0.0}),
+    "pmafl-no-mixup": Objective(pmafl_step, "ablation: mixup a 0", True,
+                                overrides={"mixup_alpha": 0.0}),
+}
+
+
+def needs_teacher(objective: str) -> bool:
+    """PM-AFL and its ablations distil from the teacher; the baselines do not."""
+    return OBJECTIVES[objective].needs_teacher
