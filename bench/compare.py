@@ -6,8 +6,10 @@ real `flwr run` (Ray simulation) followed by the attack suite on its final globa
     python bench/compare.py --report-only                        # rebuild the report from disk
 
 Each cell gets a folder `<out>/runs/<method>_alpha<a>_seed<s>/` holding the run's log, its results
-folder and `final.json` (clean, PGD-20, CW and AutoAttack accuracy of the final model, with the
-eps sweep). A cell with `final.json` is finished and is skipped when the command runs again, so an
+folder and `final.json` (clean, PGD-20, CW and AutoAttack accuracy of the final model on
+`--test-n` test images, with the eps sweep and the per-round curve). `<out>/.gitignore` keeps
+only `final.json` files and the report, so a grid folder inside the repository can be committed
+and resumed elsewhere. A cell with `final.json` is finished and is skipped when the command runs again, so an
 interrupted grid resumes where it stopped; a cell whose run finished but was not yet evaluated is
 only evaluated. The report (`<out>/report.md`: mean +- std over seeds; `<out>/rounds.png`: test
 accuracy per round per method; `<out>/robust_vs_clean.png`) is rebuilt from every finished cell.
@@ -66,8 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--superlink", default="",
                         help="SuperLink connection name from flwr's config (default: flwr's default)")
     parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app (default: this repo)")
+    parser.add_argument("--test-n", type=int, default=2000,
+                        help="test images of the final attack suite, a fixed class-stratified "
+                             "subset (default 2000; 0: the whole test split)")
     parser.add_argument("--autoattack-n", type=int, default=0,
-                        help="test images AutoAttack runs on (default 0: all of the test split)")
+                        help="of those, the first N AutoAttack runs on (default 0: all)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -125,16 +130,16 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     """Run the cell if needed, then the attack suite on its final model; writes final.json."""
     results = run_cell(cell, folder, args)
     run = json.loads((results / "results.json").read_text())
-    # The suite runs on the run's evaluation images (eval-examples of the test split).
-    argv = [str(results / "model.pt"), "--attacks", "pgd20,cw,autoattack",
-            "--limit", str(run["config"].get("eval-examples", 0)),
+    argv = [str(results / "model.pt"), "--attacks", "pgd20,cw,autoattack", "--limit", str(args.test_n),
             "--autoattack-n", str(args.autoattack_n or 10**9), "--out", str(folder / "suite.json")]
     suite = evaluate_model_file(argv)
     rounds = run["rounds"]
     last = rounds[-1]
     final = {"cell": cell.__dict__, "results": str(results), **suite,
              "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),
-             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "pgd_acc")} for r in rounds]}
+             "overfitting_warnings": [r["warning"] for r in rounds if r.get("warning")],
+             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc")}
+                        for r in rounds]}
     # Written last and atomically: its presence marks the cell finished.
     tmp = folder / "final.json.tmp"
     tmp.write_text(json.dumps(final, indent=2))
@@ -160,12 +165,14 @@ def report(out: Path, cells: list[Cell]) -> str:
         if cell in finals:
             groups.setdefault((cell.alpha, cell.method), []).append(finals[cell])
     lines = ["| Dirichlet alpha | method | seeds | " + " | ".join(c[1] for c in COLUMNS)
-             + " | masking warnings |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |"]
+             + " | masking warnings | overfitting warnings |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- | --- |"]
     for (alpha, method), runs in sorted(groups.items()):
         cols = [mean_std([r[key] for r in runs if r.get(key) is not None]) for key, _ in COLUMNS]
-        warnings = sum(len(r["gradient_masking_warnings"]) for r in runs)
-        lines.append(f"| {alpha:g} | {method} | {len(runs)} | " + " | ".join(cols) + f" | {warnings} |")
+        masking = sum(len(r["gradient_masking_warnings"]) for r in runs)
+        overfitting = sum(len(r.get("overfitting_warnings", [])) for r in runs)
+        lines.append(f"| {alpha:g} | {method} | {len(runs)} | " + " | ".join(cols)
+                     + f" | {masking} | {overfitting} |")
     any_final = next(iter(finals.values()), None)
     header = [f"# Comparison: {len(finals)} of {len(cells)} cells finished", ""]
     if any_final:
@@ -178,6 +185,9 @@ def report(out: Path, cells: list[Cell]) -> str:
     text = "\n".join(header + lines + ([""] + [f"Not finished: {', '.join(missing)}"] if missing else []))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text + "\n")
+    # A grid kept under version control (e.g. under docs/) keeps only what the report is built
+    # from, so that a grid spread over several sessions resumes from a fresh clone.
+    (out / ".gitignore").write_text("*\n!*/\n!final.json\n!report.md\n!*.png\n!.gitignore\n")
     if groups:
         plot(out, groups)
     return text

@@ -40,8 +40,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"eps": 0.2, "train-attack": "pgd", "teacher-attack": "pgd", "teacher-epochs": 60,
                "public-fraction": 0.3, "max-train-examples": 0, "eval-examples": 0},
     "fashion-mnist": {"eps": 0.1, "train-attack": "fgsm-rs", "teacher-attack": "fgsm-rs",
-                      "teacher-epochs": 15, "public-fraction": 0.1, "max-train-examples": 3000,
-                      "eval-examples": 1000},
+                      "teacher-epochs": 15, "public-fraction": 0.1, "max-train-examples": 2000,
+                      "eval-examples": 500},
     **{name: {"eps": 0.031373, "train-attack": "pgd", "teacher-attack": "pgd", "teacher-epochs": 60,
               "public-fraction": 0.3, "max-train-examples": 0, "eval-examples": 1000}
        for name in ("cifar10", "cifar100", "svhn")},

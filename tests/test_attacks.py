@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmafl.attacks import FGSM, PGD, AutoAttack
+from pmafl.attacks import FGSM, FGSMRS, PGD, AutoAttack
 from pmafl.attacks.pgd import cw_attack_loss
 from pmafl.models import create_model
 
@@ -88,3 +88,18 @@ def test_autoattack_stays_in_the_ball_and_is_at_least_as_strong_as_fgsm():
         aa_correct = (model(adv).argmax(1) == labels[:6]).sum().item()
         fgsm_correct = (model(FGSM(model, 0.1)(images[:6], labels[:6])).argmax(1) == labels[:6]).sum().item()
     assert aa_correct <= fgsm_correct
+
+
+def test_fgsm_rs_is_one_step_of_1_25_eps_from_a_uniform_start():
+    """Wong et al. 2020: delta ~ U(-eps, eps); delta += 1.25 eps sign(grad); project; clip."""
+    model, images, labels = setup_model()
+    eps = 0.1
+    torch.manual_seed(4)
+    adv = FGSMRS(model, eps)(images, labels)
+    torch.manual_seed(4)
+    start = (images + torch.empty_like(images).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    model.eval()
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), labels, reduction="sum"), start)
+    expected = (images + (start.detach() + 1.25 * eps * grad.sign() - images).clamp(-eps, eps)).clamp(0, 1)
+    assert torch.allclose(adv, expected)
+    assert (adv - images).abs().max().item() <= eps + 1e-6

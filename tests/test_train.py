@@ -10,7 +10,7 @@ from pmafl.config import TrainConfig
 from pmafl.data import make_loader
 from pmafl.losses import adversarial_mixture_kd, global_consistency, trades_kl, vanilla_mixture_kd
 from pmafl.models import create_model
-from pmafl.objectives import OBJECTIVES, StepContext, pmafl_step
+from pmafl.objectives import OBJECTIVES, StepContext, forward_views, pmafl_step
 from pmafl.train import class_log_prior, pmafl_train, warmup_eps
 
 
@@ -197,3 +197,19 @@ def test_calfat_trains_with_the_prior_of_the_loader_labels():
 
     expected = calfat_step(student, x, y, None, StepContext(cfg, student, log_prior=log_prior))
     assert metrics["loss"] == pytest.approx(expected["loss"].item(), rel=1e-4)
+
+
+def test_batchnorm_models_see_each_view_with_its_own_batch_statistics():
+    """With BatchNorm, clean and adversarial views are never normalised together; without it, one
+    forward over the concatenated views gives the same logits as separate forwards."""
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                             torch.nn.Linear(4 * 6 * 6, 3)).train()
+    clean, adv = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8) + 2.0  # very different statistics
+    s_clean, s_adv = forward_views(bn, clean, adv)
+    assert torch.allclose(s_clean, bn(clean), atol=1e-5) and torch.allclose(s_adv, bn(adv), atol=1e-5)
+    assert not torch.allclose(bn(torch.cat([clean, adv]))[:8], bn(clean), atol=1e-3)
+    plain = model(0)
+    joint = forward_views(plain, clean, adv)
+    assert torch.allclose(joint[0], plain(clean), atol=1e-5)
+    assert torch.allclose(joint[1], plain(adv), atol=1e-5)
