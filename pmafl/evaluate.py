@@ -98,16 +98,19 @@ def sweep_radii(eps: float, multiples: Iterable[float]) -> list[float]:
     return [m * eps for m in multiples if m * eps <= MAX_SWEEP_EPS + 1e-9]
 
 
-def catastrophic_overfitting(rounds: list[dict[str, float]], drop: float = 0.5) -> str:
+def catastrophic_overfitting(rounds: list[dict[str, float]], drop: float = 0.5,
+                             min_fall: float = 0.1) -> str:
     """A warning when the last round looks like catastrophic overfitting of fast adversarial
-    training (Wong et al. 2020): PGD accuracy fell below `drop` times its best so far while FGSM
-    accuracy rose above its value at that best round; "" otherwise."""
+    training (Wong et al. 2020): PGD accuracy fell below `drop` times its best so far, and by at
+    least `min_fall` (not noise near zero), while FGSM accuracy rose above its value at that best
+    round; "" otherwise."""
     scored = [r for r in rounds if "pgd_acc" in r and "fgsm_acc" in r]
     if len(scored) < 2:
         return ""
     best = max(scored[:-1], key=lambda r: r["pgd_acc"])
     last = scored[-1]
-    if last["pgd_acc"] < drop * best["pgd_acc"] and last["fgsm_acc"] > best["fgsm_acc"]:
+    fell = last["pgd_acc"] < drop * best["pgd_acc"] and best["pgd_acc"] - last["pgd_acc"] >= min_fall
+    if fell and last["fgsm_acc"] > best["fgsm_acc"]:
         return (f"catastrophic overfitting? PGD accuracy {last['pgd_acc']:.3f} (best "
                 f"{best['pgd_acc']:.3f} in round {best['round']}) while FGSM accuracy rose to "
                 f"{last['fgsm_acc']:.3f} (from {best['fgsm_acc']:.3f})")

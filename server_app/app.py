@@ -64,7 +64,7 @@ class CentralEvaluator:
             "PGD-%d acc %.3f (eps %g) | %.0fs elapsed%s", server_round, rounds, len(self.labels),
             scores["clean_acc"], scores["fgsm_acc"], self.cfg.eval_steps, scores["pgd_acc"],
             train.eps, elapsed, left)
-        return MetricRecord(scores)
+        return MetricRecord({**scores, "eval_examples": len(self.labels)})
 
 
 def round_row(server_round: int, result: Any, strategy: PMAFL) -> dict[str, Any]:

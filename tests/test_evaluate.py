@@ -98,6 +98,10 @@ def test_catastrophic_overfitting_is_flagged_when_pgd_collapses_as_fgsm_rises():
         catastrophic_overfitting(collapsed)
     # PGD falling with FGSM falling too is a plain bad round, not catastrophic overfitting.
     assert catastrophic_overfitting(rows + [{"round": 3, "fgsm_acc": 0.3, "pgd_acc": 0.05}]) == ""
+    # Noise near zero (an untrained model) is not either.
+    noise = [{"round": 0, "fgsm_acc": 0.003, "pgd_acc": 0.003},
+             {"round": 1, "fgsm_acc": 0.006, "pgd_acc": 0.0}]
+    assert catastrophic_overfitting(noise) == ""
 
 
 def test_sweep_radii_stop_where_reaching_zero_still_proves_something():
