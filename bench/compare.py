@@ -187,7 +187,7 @@ def report(out: Path, cells: list[Cell]) -> str:
     (out / "report.md").write_text(text + "\n")
     # A grid kept under version control (e.g. under docs/) keeps only what the report is built
     # from, so that a grid spread over several sessions resumes from a fresh clone.
-    (out / ".gitignore").write_text("*\n!*/\n!final.json\n!report.md\n!*.png\n!.gitignore\n")
+    (out / ".gitignore").write_text("*\n!*/\n!final.json\n!/report.md\n!/*.png\n!/.gitignore\n")
     if groups:
         plot(out, groups)
     return text

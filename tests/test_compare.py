@@ -59,3 +59,22 @@ def test_grid_cells_cover_methods_seeds_and_alphas():
     cell = compare.Cell("pmafl", 0.1, 1)
     assert compare.run_config(cell, args.overrides, Path("/r")) == (
         "num-server-rounds=3 objective='pmafl' seed=1 dirichlet-alpha=0.1 results-dir='/r'")
+
+
+def test_a_grid_folder_under_version_control_keeps_only_what_the_report_needs(tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    out = tmp_path / "docs" / "grid"
+    cell = compare.Cell("pmafl", 0.5, 0)
+    write_final(out, cell, 0.9, 0.5, 0.3)
+    run = out / "runs" / cell.name / "results" / "run"
+    run.mkdir(parents=True)
+    for name in ("model.pt", "checkpoint.pt", "results.json", "accuracy.png"):
+        (run / name).write_text("x")
+    compare.report(out, [cell])
+    listed = subprocess.run(["git", "-C", str(tmp_path), "ls-files", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listed) == sorted([
+        "docs/grid/.gitignore", "docs/grid/report.md", "docs/grid/rounds.png",
+        "docs/grid/robust_vs_clean.png", f"docs/grid/runs/{cell.name}/final.json"])
