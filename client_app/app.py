@@ -17,6 +17,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate as evaluate_model
+from pmafl.fedftg import LABEL_COUNTS, label_counts
 from pmafl.objectives import needs_teacher
 from pmafl.task import (
     build_model,
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
     metrics = pmafl_train(model, teacher, loader, train_config)
+    if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
+        metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pmafl.attacks.pgd import ATTACK_LOSSES
 from pmafl.data import DATASETS
+from pmafl.fedftg import LABEL_COUNTS, VARIANTS
 from pmafl.models import is_known_model, model_names
 from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
 
@@ -157,8 +158,9 @@ class TrainConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "train config") -> TrainConfig:
-        """Validate a flat mapping (a ConfigRecord's items); Flower's `server-round` is ignored."""
-        return _build(cls, values, where, ignore=("server-round",))
+        """Validate a flat mapping (a ConfigRecord's items); Flower's `server-round` and FedFTG's
+        request for label counts are ignored."""
+        return _build(cls, values, where, ignore=("server-round", LABEL_COUNTS))
 
     def to_record(self) -> dict[str, Any]:
         """Flat `key: value` mapping, ready for a Flower ConfigRecord."""
@@ -225,6 +227,11 @@ class RunConfig:
     resume_from: str = option("", "Results folder of an interrupted run: continue after the last "
                               "round its checkpoint holds, with the same run config otherwise.")
     device: str = option("auto", "`auto` (CUDA when present), `cpu` or `cuda`.", choices=DEVICES)
+    server_finetune: str = option("off", "Server-side fine-tuning of every round's aggregate: "
+                                  "`off`; `fedftg` (FedFTG: data-free distillation from the "
+                                  "round's client models through a conditional generator); "
+                                  "`fedftg-robust` (FedFTG, distilling on adversarial versions of "
+                                  "the synthetic images too).", choices=("off", *VARIANTS))
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": None})
 
     @classmethod

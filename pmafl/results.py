@@ -43,17 +43,21 @@ def write_results(folder: Path, config: dict[str, Any], rounds: list[dict[str, A
 
 
 def save_checkpoint(folder: Path, server_round: int, state_dict: dict[str, torch.Tensor],
-                    rounds: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    """`folder/checkpoint.pt` after `server_round`: the global model, the per-round rows so far and
-    the run config. Written atomically: a crash while writing leaves the previous checkpoint."""
+                    rounds: list[dict[str, Any]], config: dict[str, Any],
+                    server_state: dict[str, Any] | None = None) -> None:
+    """`folder/checkpoint.pt` after `server_round`: the global model, the per-round rows so far,
+    the run config and any state the server carries across rounds (`server_state`, e.g. FedFTG's
+    generator and optimiser: tensors, numbers, lists and dicts of them). Written atomically: a
+    crash while writing leaves the previous checkpoint."""
     payload = {"round": server_round, "model": {k: v.detach().cpu() for k, v in state_dict.items()},
-               "rounds": json.dumps(rounds), "config": json.dumps(config)}
+               "rounds": json.dumps(rounds), "config": json.dumps(config),
+               "server_state": server_state or {}}
     write_atomic(Path(folder) / CHECKPOINT, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint in results folder (or file) `path`, checked against the resuming run's
-    `config`: {"folder", "round", "model", "rounds", "config"}."""
+    `config`: {"folder", "round", "model", "rounds", "config", "server_state"}."""
     path = Path(path).expanduser()
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.is_file():
@@ -62,6 +66,7 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
         payload = torch.load(file, map_location="cpu", weights_only=True)
         saved = json.loads(payload["config"])
         payload.update(rounds=json.loads(payload["rounds"]), config=saved, folder=file.parent)
+        payload.setdefault("server_state", {})
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same answer
         raise CheckpointError(f"run config key 'resume-from': {file} is not a readable checkpoint "
                               f"({type(e).__name__}: {e})") from e

@@ -1,6 +1,7 @@
-"""ServerApp: validates the run config, runs the PM-AFL strategy with central (clean + PGD-20)
-evaluation of the global model after every round, checkpoints every round into the results
-folder (`resume-from` continues an interrupted run from it), and writes the results."""
+"""ServerApp: validates the run config, runs the PM-AFL strategy (wrapped in FedFTG when
+`server-finetune` asks for it) with central (clean + PGD-20) evaluation of the global model after
+every round, checkpoints every round into the results folder (`resume-from` continues an
+interrupted run from it), and writes the results."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flwr.supercore import log
 from pmafl.config import RunConfig
 from pmafl.data import Split
 from pmafl.evaluate import catastrophic_overfitting, evaluate
+from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.objectives import needs_teacher
 from pmafl.results import load_checkpoint, new_results_folder, save_checkpoint, write_results
 from pmafl.task import (
@@ -27,7 +29,7 @@ from pmafl.task import (
     prepare_teacher,
     resolve_device,
 )
-from strategies import PMAFL
+from strategies import PMAFL, FedFTG
 
 app = ServerApp()
 
@@ -67,16 +69,19 @@ class CentralEvaluator:
         return MetricRecord({**scores, "eval_examples": len(self.labels)})
 
 
-def round_row(server_round: int, result: Any, strategy: PMAFL) -> dict[str, Any]:
-    """One round's row: central scores, mean local loss terms, federated evaluation (`fed_` keys:
-    mean and worst node) when it ran, and the nodes left out."""
+def round_row(server_round: int, result: Any, strategy: PMAFL,
+              fedftg: FedFTG | None = None) -> dict[str, Any]:
+    """One round's row: central scores, mean local loss terms (and FedFTG's server terms),
+    federated evaluation (`fed_` keys: mean and worst node) when it ran, and the nodes left out
+    (of the average, or of FedFTG's ensemble)."""
     row: dict[str, Any] = {"round": server_round}
     row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
     train = result.train_metrics_clientapp.get(server_round, {})
     row.update({key.replace("-", "_"): value for key, value in train.items()})
     federated = result.evaluate_metrics_clientapp.get(server_round, {})
     row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
-    row["failures"] = strategy.failures.get(server_round, [])
+    row["failures"] = strategy.failures.get(server_round, []) + (
+        fedftg.left_out.get(server_round, []) if fedftg else [])
     row["train_eps"] = strategy.round_eps(server_round) if server_round else 0.0
     return row
 
@@ -115,17 +120,28 @@ def main(grid: Grid, context: Context) -> None:
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
 
+    fedftg = None
+    if cfg.server_finetune != "off":
+        server = FedFTGServer(data.num_classes, data.in_channels, data.test.images.shape[-1],
+                              FedFTGConfig(robust=cfg.server_finetune == "fedftg-robust",
+                                           eps=cfg.train.eps, attack=cfg.train.train_attack),
+                              seed=cfg.seed, device=device)
+        if cfg.resume_from:
+            server.load_state_dict(checkpoint["server_state"]["fedftg"])
+        fedftg = FedFTG(strategy, lambda: build_model(cfg, data), server, data.num_classes)
+
     def on_round_end(server_round: int, arrays: ArrayRecord, result: Any) -> None:
         if not rows:
-            rows.append(round_row(0, result, strategy))
-        rows.append(round_row(server_round, result, strategy))
+            rows.append(round_row(0, result, strategy, fedftg))
+        rows.append(round_row(server_round, result, strategy, fedftg))
         warning = catastrophic_overfitting(rows)
         if warning:
             log(WARNING, "round %d: %s", server_round, warning)
             rows[-1]["warning"] = warning
-        save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict())
+        save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict(),
+                        {"fedftg": fedftg.server.state_dict()} if fedftg else None)
 
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+    result = (fedftg or strategy).start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                             evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg),
                             start_round=start_round, on_round_end=on_round_end)

@@ -3,7 +3,6 @@ one bad client reply end the run."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -19,6 +18,7 @@ from strategies.strategy_utils import (
     canonical_order,
     error_summary,
     reply_problem,
+    run_rounds,
     weighted_mean,
     worst_client,
 )
@@ -133,47 +133,11 @@ class PMAFL(FedAvg):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               start_round: int = 1,
               on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
-        """Flower's `Strategy.start` (same arguments, same `Result`), plus two for resuming:
-        `start_round` runs rounds start_round..num_rounds from `initial_arrays` (the round-0
-        evaluation only when starting at 1), and `on_round_end(round, arrays, result)` is called
-        after every round's evaluation, e.g. to write a checkpoint."""
+        """Flower's `Strategy.start` (same arguments, same `Result`), plus `start_round` and
+        `on_round_end` for resuming: see `strategy_utils.run_rounds`."""
         self.num_rounds = num_rounds
-        log(INFO, "Starting %s strategy, rounds %d to %d:", type(self).__name__, start_round, num_rounds)
-        self.summary()
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
-        result, arrays = Result(), initial_arrays
-        t_start = time.time()
-        if evaluate_fn and start_round == 1:
-            metrics = evaluate_fn(0, arrays)
-            if metrics is not None:
-                result.evaluate_metrics_serverapp[0] = metrics
-        for server_round in range(start_round, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
-            replies = grid.send_and_receive(
-                self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                log(INFO, "\t└──> train metrics: %s", dict(train_metrics))
-                result.train_metrics_clientapp[server_round] = train_metrics
-            messages = self.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            evaluate_metrics = self.aggregate_evaluate(
-                server_round, grid.send_and_receive(messages, timeout=timeout) if messages else [])
-            if evaluate_metrics is not None:
-                log(INFO, "\t└──> federated evaluation: %s", dict(evaluate_metrics))
-                result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
-            if evaluate_fn:
-                metrics = evaluate_fn(server_round, arrays)
-                if metrics is not None:
-                    result.evaluate_metrics_serverapp[server_round] = metrics
-            if on_round_end:
-                on_round_end(server_round, arrays, result)
-        log(INFO, "Strategy finished rounds %d to %d in %.2fs", start_round, num_rounds,
-            time.time() - t_start)
-        return result
+        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
+                          evaluate_config, evaluate_fn, start_round, on_round_end)
 
     def _screen(self, server_round: int, stage: str, replies: Iterable[Message],
                 expected_shapes: dict[str, tuple[int, ...]] | None) -> list[Message]:

@@ -1,12 +1,69 @@
-"""Helpers shared by the strategies: screening client replies before they reach an average."""
+"""Helpers shared by the strategies: the round loop, and screening client replies before they
+reach an average."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
+from collections.abc import Callable
+from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore import log
+
+
+def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+               timeout: float = 3600, train_config: ConfigRecord | None = None,
+               evaluate_config: ConfigRecord | None = None,
+               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+               start_round: int = 1,
+               on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+    """Flower's `Strategy.start` round loop (same arguments, same `Result`) for any strategy,
+    plus two for resuming: `start_round` runs rounds start_round..num_rounds from
+    `initial_arrays` (the round-0 evaluation only when starting at 1), and
+    `on_round_end(round, arrays, result)` is called after every round's evaluation, e.g. to
+    write a checkpoint. The one round loop of this project: `PMAFL.start` and `FedFTG.start`
+    both run it."""
+    log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
+    strategy.summary()
+    train_config = train_config or ConfigRecord()
+    evaluate_config = evaluate_config or ConfigRecord()
+    result, arrays = Result(), initial_arrays
+    t_start = time.time()
+    if evaluate_fn and start_round == 1:
+        metrics = evaluate_fn(0, arrays)
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[0] = metrics
+    for server_round in range(start_round, num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = result.arrays = new_arrays
+        if train_metrics is not None:
+            log(INFO, "\t└──> train metrics: %s", dict(train_metrics))
+            result.train_metrics_clientapp[server_round] = train_metrics
+        messages = strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        evaluate_metrics = strategy.aggregate_evaluate(
+            server_round, grid.send_and_receive(messages, timeout=timeout) if messages else [])
+        if evaluate_metrics is not None:
+            log(INFO, "\t└──> federated evaluation: %s", dict(evaluate_metrics))
+            result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+        if evaluate_fn:
+            metrics = evaluate_fn(server_round, arrays)
+            if metrics is not None:
+                result.evaluate_metrics_serverapp[server_round] = metrics
+        if on_round_end:
+            on_round_end(server_round, arrays, result)
+    log(INFO, "Strategy finished rounds %d to %d in %.2fs", start_round, num_rounds,
+        time.time() - t_start)
+    return result
 
 
 def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:

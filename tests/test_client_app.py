@@ -118,3 +118,14 @@ def test_evaluate_handler_scores_the_local_test_split(tmp_path):
     assert metrics["clean_acc"] == clean["clean_acc"]
     assert metrics["clean_loss"] == pytest.approx(clean["clean_loss"])
     assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"]
+
+
+def test_train_reply_carries_label_counts_when_fedftg_asks(tmp_path):
+    cfg = RunConfig.from_mapping(RUN)
+    msg, _ = instruction(cfg, TrainConfig(objective="ce", local_epochs=1))
+    assert "label-counts" not in train(msg, context(tmp_path)).content["metrics"]
+    msg.content["config"]["label-counts"] = True
+    metrics = train(msg, context(tmp_path)).content["metrics"]
+    labels = client_split(cfg, load_data(cfg), 3, 10).labels
+    assert metrics["label-counts"] == [int((labels == c).sum()) for c in range(10)]
+    assert sum(metrics["label-counts"]) == metrics["num-examples"]

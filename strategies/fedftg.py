@@ -1,0 +1,163 @@
+"""FedFTG as a wrapper around any Flower strategy: the base strategy aggregates, then the server
+fine-tunes the aggregate by data-free distillation from the round's client models
+(`pmafl.fedftg`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore import log
+from torch import nn
+
+from pmafl.fedftg import LABEL_COUNTS, FedFTGServer
+from strategies.strategy_utils import canonical_order, reply_problem, run_rounds
+
+
+def label_counts_problem(counts: Any, num_classes: int, num_examples: Any) -> str | None:
+    """Why a reply's label counts cannot weigh its model in the ensemble, or None: they must be
+    `num_classes` non-negative integers that add up to the reply's `num-examples`."""
+    if counts is None:
+        return f"no '{LABEL_COUNTS}' metric"
+    if not isinstance(counts, list) or len(counts) != num_classes:
+        return f"'{LABEL_COUNTS}' must be a list of {num_classes} counts, got {counts!r}"
+    if not all(isinstance(c, int | float) and math.isfinite(c) and c >= 0 and c == int(c)
+               for c in counts):
+        return f"'{LABEL_COUNTS}' must hold non-negative integers, got {counts!r}"
+    if sum(counts) != num_examples:
+        return f"'{LABEL_COUNTS}' add up to {sum(counts):g}, but num-examples is {num_examples!r}"
+    return None
+
+
+class FedFTG(Strategy):
+    """FedFTG (Zhang et al., CVPR 2022) around a base strategy: `FedFTG(PMAFL(...), ...)` or
+    `FedFTG(FedAvg(), ...)`.
+
+    Train messages ask clients for their label counts (config flag `label-counts`), which they
+    return as a list metric of that name. The wrapper takes that metric out of every reply, hands
+    the replies to the base strategy to aggregate, and then fine-tunes the aggregate on the
+    server with the round's client models as teachers (`FedFTGServer.finetune`). A reply enters
+    that ensemble only if it is fit to average and its label counts have one entry per class and
+    add up to its `num-examples`; every other reply is logged with its node id and the reason
+    (and kept in `left_out`), whatever the base strategy makes of it. With no member the round's
+    aggregate is returned as it is. The round's metrics gain `fedftg-loss-md`, `-loss-cls`,
+    `-loss-div`, `-loss-kd`, `fedftg-clients` and `fedftg-seconds` (the server's fine-tuning time).
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The base strategy; configures the rounds, aggregates, evaluates.
+    model_fn : Callable[[], nn.Module]
+        Builds the global model's architecture (for the global model and each client model).
+    server : FedFTGServer
+        The generator, its optimiser and FedFTG's hyperparameters; `server.state_dict()` belongs
+        in a checkpoint for a resumed run to fine-tune as an uninterrupted one.
+    num_classes : int
+        Classes of the task: the length every client's label counts must have.
+    """
+
+    def __init__(self, strategy: Strategy, model_fn: Callable[[], nn.Module], server: FedFTGServer,
+                 num_classes: int) -> None:
+        self.strategy, self.model_fn, self.server = strategy, model_fn, server
+        self.num_classes = num_classes
+        self.left_out: dict[int, list[dict[str, Any]]] = {}
+        self._sent_shapes: dict[str, tuple[int, ...]] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FedFTG server fine-tuning after aggregation:")
+        for key, value in vars(self.server.cfg).items():
+            log(INFO, "\t│\t├── %s: %s", key, value)
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The base strategy's train messages, asking for label counts."""
+        self._sent_shapes = {key: tuple(array.shape) for key, array in arrays.items()}
+        config = ConfigRecord({**config, LABEL_COUNTS: True})
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The base strategy's aggregate, fine-tuned by FedFTG on the valid replies' models."""
+        replies = list(replies)
+        members = self._ensemble(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        if not members:
+            log(WARNING, "round %d FedFTG: no client model for the ensemble; the aggregate is "
+                "not fine-tuned", server_round)
+            return arrays, metrics
+        start = time.time()
+        device = self.server.device
+        global_model = self._model(arrays, device)
+        clients = [self._model(a, device) for a, _ in members]
+        counts = torch.tensor([c for _, c in members], dtype=torch.float64)
+        losses = self.server.finetune(global_model, clients, counts, server_round)
+        seconds = time.time() - start
+        log(INFO, "round %d FedFTG: fine-tuned on %d client models in %.2fs: %s", server_round,
+            len(clients), seconds, ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        metrics = MetricRecord({**(metrics or {}), **{f"fedftg-{k}": v for k, v in losses.items()},
+                                "fedftg-clients": len(clients), "fedftg-seconds": seconds})
+        state = {k: v.cpu() for k, v in global_model.state_dict().items()}
+        return ArrayRecord(state), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              start_round: int = 1,
+              on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+        """The project's round loop (`strategy_utils.run_rounds`) over this wrapper; a base that
+        counts rounds (`PMAFL`'s last-round evaluation) is told how many."""
+        if hasattr(self.strategy, "num_rounds"):
+            self.strategy.num_rounds = num_rounds
+        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
+                          evaluate_config, evaluate_fn, start_round, on_round_end)
+
+    def _model(self, arrays: ArrayRecord, device: torch.device) -> nn.Module:
+        model = self.model_fn()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return model.to(device)
+
+    def _ensemble(self, server_round: int, replies: list[Message]
+                  ) -> list[tuple[ArrayRecord, list[int]]]:
+        """(arrays, label counts) of every reply fit for the ensemble; the label-count metric is
+        taken out of every reply, so that the base strategy aggregates only what it knows."""
+        weighted_by_key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        found: dict[int, list[int]] = {}
+        contents = []
+        for msg in replies:
+            if msg.has_error():
+                continue  # the base strategy reports it
+            node = msg.metadata.src_node_id
+            metric_records = list(msg.content.metric_records.values())
+            counts = metric_records[0].pop(LABEL_COUNTS, None) if len(metric_records) == 1 else None
+            problem = reply_problem(msg.content, self._sent_shapes, weighted_by_key)
+            if problem is None:
+                problem = label_counts_problem(counts, self.num_classes,
+                                               metric_records[0][weighted_by_key])
+            if problem:
+                log(WARNING, "round %d FedFTG: node %d left out of the ensemble: %s",
+                    server_round, node, problem)
+                self.left_out.setdefault(server_round, []).append(
+                    {"stage": "fedftg", "node": node, "reason": problem})
+                continue
+            found[id(msg.content)] = [int(c) for c in counts]
+            contents.append(msg.content)
+        # In an order fixed by content, as the base's average is: reruns fine-tune bit-identically.
+        return [(next(iter(c.array_records.values())), found[id(c)]) for c in canonical_order(contents)]

@@ -1,0 +1,113 @@
+"""The FedFTG wrapper around PMAFL and around Flower's own FedAvg: it asks for label counts,
+fine-tunes the base strategy's aggregate with the replies' models, and leaves replies with bad
+label counts out of the ensemble (not out of the average)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from pmafl.fedftg import FedFTGConfig, FedFTGServer
+from pmafl.models import create_model
+from strategies import PMAFL, FedFTG
+from strategies.fedftg import label_counts_problem
+from strategies.strategy_utils import weighted_mean
+
+NODES = (11, 12, 13)
+CFG = FedFTGConfig(iterations=2, global_steps=2, batch_size=8, noise_dim=8)
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return list(NODES)
+
+
+def model_fn():
+    return create_model("cnn-small", 3, 1, (0.5,), (0.25,))
+
+
+def state(seed):
+    torch.manual_seed(seed)
+    return model_fn().state_dict()
+
+
+def wrap(base, seed=0):
+    return FedFTG(base, model_fn, FedFTGServer(3, 1, 8, CFG, seed=seed), num_classes=3)
+
+
+def replies_to(strategy, counts, num_examples=(10, 20, 30)):
+    sent = strategy.configure_train(1, ArrayRecord(state(0)), ConfigRecord(), FakeGrid())
+    sent = {m.metadata.dst_node_id: m for m in sent}
+    assert all(m.content["config"]["label-counts"] is True for m in sent.values())
+    replies = []
+    for i, node in enumerate(NODES):
+        metrics = {"num-examples": num_examples[i], "loss": float(i)}
+        if counts[i] is not None:
+            metrics["label-counts"] = counts[i]
+        content = RecordDict({"arrays": ArrayRecord(state(node)), "metrics": MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=sent[node]))
+    return replies
+
+
+GOOD = ([5, 5, 0], [0, 10, 10], [10, 10, 10])
+
+
+def plain_mean():
+    return weighted_mean([ArrayRecord(state(n)) for n in NODES], [10, 20, 30])
+
+
+@pytest.mark.parametrize("base", [
+    lambda: PMAFL(min_available_nodes=3, min_train_nodes=3),
+    lambda: FedAvg(min_available_nodes=3, min_train_nodes=3),
+], ids=["PMAFL", "FedAvg"])
+def test_wrapper_finetunes_the_base_aggregate(base):
+    strategy = wrap(base())
+    arrays, metrics = strategy.aggregate_train(1, replies_to(strategy, GOOD))
+    assert "label-counts" not in metrics
+    assert metrics["loss"] == pytest.approx((10 * 0 + 20 * 1 + 30 * 2) / 60)
+    assert metrics["fedftg-clients"] == 3 and metrics["fedftg-seconds"] > 0
+    assert {"fedftg-loss-md", "fedftg-loss-cls", "fedftg-loss-div", "fedftg-loss-kd"} <= set(metrics)
+    # The same fine-tuning by hand, from the manual weighted mean.
+    manual = model_fn()
+    manual.load_state_dict(plain_mean().to_torch_state_dict())
+    clients = [model_fn() for _ in NODES]
+    for model, node in zip(clients, NODES):
+        model.load_state_dict(state(node))
+    FedFTGServer(3, 1, 8, CFG, seed=0).finetune(manual, clients, torch.tensor(GOOD, dtype=torch.float64), 1)
+    got = arrays.to_torch_state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-5) for k, v in manual.state_dict().items())
+    mean = plain_mean().to_torch_state_dict()
+    assert not torch.allclose(got["net.0.weight"], mean["net.0.weight"])
+
+
+def test_bad_label_counts_leave_the_ensemble_not_the_average(caplog):
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=3))
+    counts = (None, [10, 10], [10, 10, 10])
+    arrays, metrics = strategy.aggregate_train(1, replies_to(strategy, counts, (10, 20, 29)))
+    reasons = {f["node"]: f["reason"] for f in strategy.left_out[1]}
+    assert "no 'label-counts' metric" in reasons[11]
+    assert "must be a list of 3 counts" in reasons[12]
+    assert "add up to 30, but num-examples is 29" in reasons[13]
+    # Every reply was still averaged by PMAFL, and with no ensemble member nothing is fine-tuned.
+    assert strategy.strategy.failures == {}
+    assert "fedftg-clients" not in metrics
+    expected = weighted_mean([ArrayRecord(state(n)) for n in NODES], [10, 20, 29])
+    assert all(np.allclose(arrays[k].numpy(), expected[k].numpy(), rtol=1e-6, atol=1e-7)
+               for k in expected.keys())
+    assert "no client model for the ensemble" in caplog.text
+
+
+def test_one_valid_client_is_an_ensemble_of_one():
+    strategy = wrap(FedAvg(min_available_nodes=3, min_train_nodes=3))
+    _, metrics = strategy.aggregate_train(1, replies_to(strategy, (GOOD[0], None, [1, 2, 3])))
+    assert metrics["fedftg-clients"] == 1
+    assert sorted(f["node"] for f in strategy.left_out[1]) == [12, 13]
+
+
+def test_label_counts_problem():
+    assert label_counts_problem([1, 2, 3], 3, 6) is None
+    assert label_counts_problem([1.0, 2.0, 3.0], 3, 6) is None
+    assert "non-negative integers" in label_counts_problem([1, -2, 7], 3, 6)
+    assert "non-negative integers" in label_counts_problem([1.5, 1.5, 3], 3, 6)
+    assert "list of 3" in label_counts_problem(5, 3, 5)
