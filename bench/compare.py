@@ -4,6 +4,10 @@ real `flwr run` (Ray simulation) followed by the attack suite on its final globa
     python bench/compare.py                                      # ce, pgd-at, trades, pmafl; 3 seeds
     python bench/compare.py --methods pmafl,mart --alphas 0.1,0.5 --seeds 0,1
     python bench/compare.py --report-only                        # rebuild the report from disk
+    python bench/compare.py --methods ce,ce+fedftg,pmafl,pmafl+fedftg-robust --alphas 0.1
+
+A method is an objective, optionally with server-side fine-tuning: `OBJECTIVE+FINETUNE` runs the
+objective with `server-finetune=FINETUNE` (`fedftg` or `fedftg-robust`).
 
 Each cell gets a folder `<out>/runs/<method>_alpha<a>_seed<s>/` holding the run's log, its results
 folder and `final.json` (clean, PGD-20, CW and AutoAttack accuracy of the final model on
@@ -33,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from pmafl.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
+from pmafl.fedftg import VARIANTS  # noqa: E402
 from pmafl.objectives import OBJECTIVES  # noqa: E402
 from pmafl.results import latest_folder  # noqa: E402
 
@@ -50,13 +55,23 @@ class Cell:
     def name(self) -> str:
         return f"{self.method}_alpha{self.alpha:g}_seed{self.seed}"
 
+    @property
+    def objective(self) -> str:
+        return self.method.partition("+")[0]
+
+    @property
+    def finetune(self) -> str:
+        """The method's `server-finetune`, "" for a bare objective (then `--set` decides)."""
+        return self.method.partition("+")[2]
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--methods", default="ce,pgd-at,trades,pmafl",
-                        help=f"comma-separated objectives, from {', '.join(OBJECTIVES)}")
+                        help=f"comma-separated objectives, from {', '.join(OBJECTIVES)}, each "
+                             f"optionally +{' or +'.join(VARIANTS)} (server-side fine-tuning)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--alphas", default="0.5", help="comma-separated Dirichlet alphas (default 0.5)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "compare",
@@ -76,9 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(OBJECTIVES))
+    unknown = sorted({m.partition("+")[0] for m in methods} - set(OBJECTIVES))
     if unknown:
         parser.error(f"--methods: unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    unknown = sorted({m.partition("+")[2] for m in methods if "+" in m} - set(VARIANTS))
+    if unknown:
+        parser.error(f"--methods: unknown server fine-tuning {unknown[0]!r}; known: "
+                     f"{', '.join(VARIANTS)}")
     try:
         args.cells = [Cell(m, float(a), int(s)) for a in args.alphas.split(",") if a
                       for m in methods for s in args.seeds.split(",") if s]
@@ -88,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     overrides = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.set)
     try:
         values = parse_overrides(args.set, "--set")
-        RunConfig.from_mapping({**values, "objective": methods[0]}, where="--set")
+        RunConfig.from_mapping({**values, "objective": methods[0].partition("+")[0]}, where="--set")
     except ConfigError as e:
         parser.error(str(e))
     args.overrides = overrides
@@ -96,7 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
-    items = {**overrides, "objective": f"'{cell.method}'", "seed": str(cell.seed),
+    finetune = {"server-finetune": f"'{cell.finetune}'"} if "+" in cell.method else {}
+    items = {**overrides, "objective": f"'{cell.objective}'", **finetune, "seed": str(cell.seed),
              "dirichlet-alpha": repr(cell.alpha), "results-dir": f"'{results_dir}'"}
     return " ".join(f"{k}={v}" for k, v in items.items())
 

@@ -5,7 +5,9 @@ training), as ratios to a PGD-K adversarial-training step, measured in one run.
 
 PM-AFL's step = one PGD-K attack (like PGD-AT) + one forward/backward over four views + two no-grad
 forwards (teacher on the blend, frozen global model); the teacher's logits on clean images are
-precomputed, as the ClientApp does.
+precomputed, as the ClientApp does. A `kdiga` step makes no adversarial examples: one student
+forward for CE + KL, and one forward with a double backward for the input-gradient alignment
+(the teacher's input gradients precomputed too).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch
 
 from pmafl.config import TrainConfig
 from pmafl.data import make_loader
+from pmafl.kdiga import teacher_input_gradients
 from pmafl.models import create_model
 from pmafl.train import pmafl_train
 
 
-def time_objective(objective: str, attack: str, args: argparse.Namespace, batches: int) -> float:
+def time_objective(objective: str, attack: str, kdiga_weight: float, args: argparse.Namespace,
+                   batches: int) -> float:
     torch.manual_seed(0)
     shape = (args.batch * batches, args.channels, args.image_size, args.image_size)
     images, labels = torch.rand(shape), torch.randint(0, 10, (shape[0],))
@@ -30,9 +34,12 @@ def time_objective(objective: str, attack: str, args: argparse.Namespace, batche
     teacher = create_model(args.teacher, 10, args.channels, mean, std).eval()
     with torch.no_grad():
         teacher_logits = teacher(images)
-    loader = make_loader(images, labels, teacher_logits, batch_size=args.batch, shuffle=False)
+    tensors = [images, labels, teacher_logits]
+    if kdiga_weight > 0:  # cached once per node, as the ClientApp does
+        tensors.append(teacher_input_gradients(teacher, images, labels))
+    loader = make_loader(*tensors, batch_size=args.batch, shuffle=False)
     config = TrainConfig(objective=objective, local_epochs=1, pgd_steps=args.pgd_steps,
-                         train_attack=attack)
+                         train_attack=attack, kdiga_weight=kdiga_weight)
     pmafl_train(model, teacher, loader, config)  # warm-up
     start = time.perf_counter()
     for _ in range(args.repeats):
@@ -50,15 +57,20 @@ def main() -> None:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cells = [("ce", "pgd"), *((obj, attack) for attack in ("pgd", "fgsm-rs")
-                              for obj in ("pgd-at", "trades", "calfat", "pmafl"))]
+    # (objective, training attack, kdiga-weight); ce and kdiga make no adversarial examples.
+    cells = [("ce", "pgd", 0.0), ("kdiga", "pgd", 1.0),
+             *((obj, attack, 0.0) for attack in ("pgd", "fgsm-rs")
+               for obj in ("pgd-at", "trades", "calfat", "pmafl")),
+             ("pmafl", "pgd", 1.0), ("pmafl", "fgsm-rs", 1.0)]
     times = {cell: time_objective(*cell, args, batches=4) for cell in cells}
     print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
           f"teacher {args.teacher}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    reference = times[("pgd-at", "pgd")]
-    for (obj, attack), seconds in times.items():
+    reference = times[("pgd-at", "pgd", 0.0)]
+    for (obj, attack, kdiga_weight), seconds in times.items():
         attack_name = f"PGD-{args.pgd_steps}" if attack == "pgd" else "FGSM-RS"
-        label = obj if obj == "ce" else f"{obj} ({attack_name})"
+        label = obj if obj in ("ce", "kdiga") else f"{obj} ({attack_name})"
+        if kdiga_weight > 0 and obj != "kdiga":
+            label = f"{obj} + KDIGA ({attack_name})"
         print(f"{label:>20}: {seconds * 1000:8.2f} ms/step  ({seconds / reference:.2f} x "
               f"PGD-{args.pgd_steps} AT)")
 

@@ -18,6 +18,7 @@ from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.fedftg import LABEL_COUNTS, label_counts
+from pmafl.kdiga import teacher_input_gradients
 from pmafl.objectives import needs_teacher
 from pmafl.task import (
     build_model,
@@ -46,19 +47,24 @@ def _node_partition(context: Context) -> tuple[int, int]:
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
 
 
-def _teacher_logits(context: Context, teacher: torch.nn.Module, sha256: str,
-                    images: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits on this node's un-augmented images: computed once, kept in the node's
-    state across rounds (keyed by the teacher's checksum)."""
-    meta = context.state.get("teacher-logits-meta")
-    if meta is not None and meta["sha256"] == sha256 and meta["num-examples"] == len(images):
-        return context.state["teacher-logits"].to_torch_state_dict()["logits"]
-    device = next(teacher.parameters()).device
-    with torch.no_grad():
-        logits = torch.cat([teacher(chunk.to(device)).cpu() for chunk in images.split(512)])
-    context.state["teacher-logits"] = ArrayRecord(torch_state_dict={"logits": logits})
-    context.state["teacher-logits-meta"] = ConfigRecord({"sha256": sha256, "num-examples": len(images)})
-    return logits
+def _teacher_tensors(context: Context, teacher: torch.nn.Module, sha256: str, images: torch.Tensor,
+                     labels: torch.Tensor, input_grads: bool) -> list[torch.Tensor]:
+    """The teacher's logits on this node's un-augmented images (and, for KDIGA, its input
+    gradients): computed once, kept in the node's state across rounds (keyed by the teacher's
+    checksum)."""
+    meta = context.state.get("teacher-cache-meta")
+    if meta is None or meta["sha256"] != sha256 or meta["num-examples"] != len(images):
+        device = next(teacher.parameters()).device
+        with torch.no_grad():
+            logits = torch.cat([teacher(chunk.to(device)).cpu() for chunk in images.split(512)])
+        context.state["teacher-cache"] = ArrayRecord(torch_state_dict={"logits": logits})
+        context.state["teacher-cache-meta"] = ConfigRecord({"sha256": sha256,
+                                                            "num-examples": len(images)})
+    cached = context.state["teacher-cache"].to_torch_state_dict()
+    if input_grads and "input-grads" not in cached:
+        cached["input-grads"] = teacher_input_gradients(teacher, images, labels)
+        context.state["teacher-cache"] = ArrayRecord(torch_state_dict=cached)
+    return [cached["logits"], *([cached["input-grads"]] if input_grads else [])]
 
 
 def _received_model(msg: Message, cfg: RunConfig, data, device: torch.device) -> torch.nn.Module:
@@ -83,7 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     if needs_teacher(train_config.objective):
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
         teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
-        tensors.append(_teacher_logits(context, teacher, sha256, images))
+        tensors += _teacher_tensors(context, teacher, sha256, images, labels,
+                                    input_grads=train_config.kdiga_weight > 0)
     # Seeded after the model and teacher are built: loading the teacher draws random numbers only
     # the first time in a process.
     seed = client_seed(cfg.seed, server_round, partition_id)

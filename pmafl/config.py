@@ -129,7 +129,8 @@ class TrainConfig:
     lr: float = option(0.05, "SGD learning rate of local training.", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum.", low=0, high=1)
     weight_decay: float = option(5e-4, "SGD weight decay.", low=0)
-    alpha: float = option(0.5, "PM-AFL weight of L_VKD; L_AKD gets 1 - alpha.", low=0, high=1)
+    alpha: float = option(0.5, "Weight of the clean KD term: PM-AFL's L_VKD (L_AKD gets 1 - "
+                          "alpha); `kdiga`'s KL to the teacher (CE gets 1 - alpha).", low=0, high=1)
     lambda_alg: float = option(0.01, "PM-AFL weight of L_ALG, the consistency with the received "
                                "global model.", low=0)
     tau: float = option(1.0, "Distillation temperature.", low=0, low_open=True)
@@ -141,6 +142,9 @@ class TrainConfig:
     beta: float = option(6.0, "Robustness weight of `trades` and `mart`.", low=0)
     calfat_tau: float = option(1.0, "CalFAT's calibration strength: logits + tau * log(class prior).",
                                low=0)
+    kdiga_weight: float = option(0.0, "Weight of KDIGA's input-gradient alignment L_GA, added to "
+                                 "every objective that distils from the teacher (`kdiga`, `pmafl` "
+                                 "and its ablations); 0: off.", low=0)
     ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
                               low=0)
     attack_loss: str = option("ce", "Loss the PM-AFL training attack maximises: `ce` (labels), `cw` "
@@ -249,6 +253,9 @@ class RunConfig:
         if cfg.train.attack_loss == "kl" and not needs_teacher(cfg.train.objective):
             raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl' or an "
                               f"ablation of it, got objective {cfg.train.objective!r}")
+        if cfg.train.kdiga_weight > 0 and not needs_teacher(cfg.train.objective):
+            raise ConfigError(f"{where} key 'kdiga-weight': the alignment term needs an objective "
+                              f"that distils from the teacher, got objective {cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "

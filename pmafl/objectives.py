@@ -23,6 +23,7 @@ from pmafl.losses import (
     calibrated_logits,
     cross_entropy,
     global_consistency,
+    kd_kl,
     mart_boosted_ce,
     mart_weighted_kl,
     pmafl_objective,
@@ -118,6 +119,19 @@ def pmafl_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return {"loss": loss, **terms}
 
 
+def kdiga_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
+    """KDIGA's distillation (Shao et al. 2021): (1 - alpha) CE(S(x), y) + alpha tau^2
+    KL(p_T(x) || p_S(x)); the training loop adds kdiga-weight * L_GA (`pmafl.kdiga`)."""
+    cfg = ctx.config
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = ctx.teacher(x)
+    logits = model(x)
+    l_ce, l_kl = cross_entropy(logits, y), kd_kl(logits, teacher_logits, cfg.tau)
+    return {"loss": (1.0 - cfg.alpha) * l_ce + cfg.alpha * l_kl, "loss-ce": l_ce, "loss-kl": l_kl}
+
+
 def fat_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              teacher_logits: torch.Tensor | None, ctx: StepContext) -> Terms:
     """FAT-style mix of clean and adversarial training: (CE(S(x), y) + CE(S(x_adv), y)) / 2."""
@@ -193,6 +207,9 @@ OBJECTIVES: dict[str, Objective] = {
     "mart": Objective(mart_step, "MART, `beta`"),
     "calfat": Objective(calfat_step, "CalFAT, calibrated by the client's class prior",
                         needs_prior=True),
+    "kdiga": Objective(kdiga_step, "KD as in KDIGA: (1 - alpha) CE + alpha KL to the teacher, "
+                       "plus `kdiga-weight` times the input-gradient alignment (0: plain KD)",
+                       needs_teacher=True),
     "pmafl-no-vkd": Objective(pmafl_step, "ablation: alpha 0", True, overrides={"alpha": 0.0}),
     "pmafl-no-akd": Objective(pmafl_step, "ablation: alpha 1", True, overrides={"alpha": 1.0}),
     "pmafl-no-alg": Objective(pmafl_step, "ablation: lambda 0", True, overrides={"lambda_alg": 0.0}),

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pmafl.config import TrainConfig
+from pmafl.kdiga import gradient_alignment, input_gradient
 from pmafl.objectives import OBJECTIVES, StepContext
 
 
@@ -51,10 +52,13 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
                 config: TrainConfig) -> dict[str, float]:
     """Train `model` in place on `loader` with `config.objective`; return mean loss terms.
 
-    `loader` yields `(images, labels)` or `(images, labels, teacher_logits)`, images in [0, 1];
-    precomputed teacher logits on the un-augmented images save one teacher forward per batch.
-    `teacher` is required by the `pmafl` objectives and ignored by the baselines. Training runs on
-    the device that holds `model`.
+    `loader` yields `(images, labels)`, `(images, labels, teacher_logits)` or `(images, labels,
+    teacher_logits, teacher_input_grads)`, images in [0, 1]; the teacher's logits and input
+    gradients on the un-augmented images (`pmafl.kdiga.teacher_input_gradients`), precomputed,
+    save teacher passes in every batch. `teacher` is required by the objectives that distil
+    (`pmafl`, its ablations, `kdiga`) and ignored by the baselines. With `config.kdiga_weight` > 0
+    those objectives also minimise kdiga_weight * L_GA (`pmafl.kdiga.gradient_alignment`).
+    Training runs on the device that holds `model`.
     """
     if config.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -62,6 +66,10 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     config = dataclasses.replace(config, **objective.overrides)
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {config.objective!r} needs a teacher model")
+    if config.kdiga_weight > 0 and not objective.needs_teacher:
+        raise ValueError(f"kdiga-weight needs an objective that distils from the teacher, got "
+                         f"{config.objective!r}")
+    align = config.kdiga_weight > 0
     device = next(model.parameters()).device
     ctx = StepContext(config, model)
     if objective.needs_teacher:
@@ -79,6 +87,11 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
             x, y = batch[0].to(device), batch[1].to(device)
             teacher_logits = batch[2].to(device) if len(batch) > 2 and objective.needs_teacher else None
             terms = objective.step(model, x, y, teacher_logits, ctx)
+            if align:
+                teacher_grad = (batch[3].to(device) if len(batch) > 3
+                                else input_gradient(ctx.teacher, x, y))
+                terms["loss-ga"] = gradient_alignment(model, x, y, teacher_grad)
+                terms["loss"] = terms["loss"] + config.kdiga_weight * terms["loss-ga"]
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if config.grad_clip > 0:

@@ -50,11 +50,26 @@ def test_train_handler_trains_the_partition_and_caches_teacher_logits(teachers):
     assert set(sent) == set(received)
     assert any(not torch.equal(sent[k], received[k]) for k in sent)
     # Teacher logits on the partition are computed once and kept in the node's state.
-    cached = ctx.state["teacher-logits"].to_torch_state_dict()["logits"]
+    cached = ctx.state["teacher-cache"].to_torch_state_dict()["logits"]
     assert cached.shape == (len(partition), 10)
-    ctx.state["teacher-logits"] = ArrayRecord(torch_state_dict={"logits": torch.zeros_like(cached)})
+    ctx.state["teacher-cache"] = ArrayRecord(torch_state_dict={"logits": torch.zeros_like(cached)})
     train(msg, ctx)
-    assert torch.equal(ctx.state["teacher-logits"].to_torch_state_dict()["logits"], torch.zeros_like(cached))
+    assert torch.equal(ctx.state["teacher-cache"].to_torch_state_dict()["logits"], torch.zeros_like(cached))
+
+
+def test_kdiga_caches_the_teachers_input_gradients_with_its_logits(teachers):
+    tmp_path = teachers
+    cfg = RunConfig.from_mapping(RUN)
+    msg, _ = instruction(cfg, TrainConfig(objective="kdiga", kdiga_weight=1.0, local_epochs=1))
+    ctx = context(tmp_path)
+    metrics = train(msg, ctx).content["metrics"]
+    assert metrics["loss-ga"] > 0 and np.isfinite(metrics["loss"])
+    cached = ctx.state["teacher-cache"].to_torch_state_dict()
+    images, labels = client_split(cfg, load_data(cfg), 3, 10).tensors()
+    teacher = prepare_teacher(cfg, load_data(cfg), str(tmp_path))[0]
+    x = images.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(teacher(x), labels, reduction="sum").backward()
+    assert torch.allclose(cached["input-grads"], x.grad, atol=1e-6)
 
 
 def test_same_seed_same_reply(tmp_path):

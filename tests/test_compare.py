@@ -48,6 +48,9 @@ def test_bad_arguments_are_refused_before_any_run(capsys):
         compare.parse_args(["--methods", "pmafl,fedprox"])
     assert "unknown objective 'fedprox'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        compare.parse_args(["--methods", "pmafl+fedprox"])
+    assert "unknown server fine-tuning 'fedprox'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         compare.parse_args(["--set", "alpha=3"])
     assert "--set key 'alpha': expected a number in [0, 1], got 3" in capsys.readouterr().err
 
@@ -59,6 +62,11 @@ def test_grid_cells_cover_methods_seeds_and_alphas():
     cell = compare.Cell("pmafl", 0.1, 1)
     assert compare.run_config(cell, args.overrides, Path("/r")) == (
         "num-server-rounds=3 objective='pmafl' seed=1 dirichlet-alpha=0.1 results-dir='/r'")
+    # A method with server-side fine-tuning: the objective plus `server-finetune`.
+    cell = compare.Cell("ce+fedftg-robust", 0.1, 0)
+    assert compare.run_config(cell, args.overrides, Path("/r")) == (
+        "num-server-rounds=3 objective='ce' server-finetune='fedftg-robust' seed=0 "
+        "dirichlet-alpha=0.1 results-dir='/r'")
 
 
 def test_a_grid_folder_under_version_control_keeps_only_what_the_report_needs(tmp_path):

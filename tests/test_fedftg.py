@@ -56,7 +56,8 @@ def test_weighted_client_ce_weighs_each_sample_by_its_class_weights():
     def ce(logits, label):
         return -math.log(math.exp(logits[label]) / sum(math.exp(v) for v in logits))
 
-    manual = ((0.75 * ce([0, 0], 0) + 0.25 * ce([2, -3], 0)) + (0.0 * ce([1, 1], 1) + 1.0 * ce([0, 0], 1))) / 2
+    manual = ((0.75 * ce([0, 0], 0) + 0.25 * ce([2, -3], 0))
+              + (0.0 * ce([1, 1], 1) + 1.0 * ce([0, 0], 1))) / 2
     assert weighted_client_ce(CLIENTS, LABELS, WEIGHTS).item() == pytest.approx(manual)
 
 
