@@ -158,8 +158,8 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     final = {"cell": cell.__dict__, "results": str(results), **suite,
              "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),
              "overfitting_warnings": [r["warning"] for r in rounds if r.get("warning")],
-             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc")}
-                        for r in rounds]}
+             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr")
+                         if k in r} for r in rounds]}
     # Written last and atomically: its presence marks the cell finished.
     tmp = folder / "final.json.tmp"
     tmp.write_text(json.dumps(final, indent=2))
@@ -184,11 +184,13 @@ def report(out: Path, cells: list[Cell]) -> str:
     for cell in cells:
         if cell in finals:
             groups.setdefault((cell.alpha, cell.method), []).append(finals[cell])
-    lines = ["| Dirichlet alpha | method | seeds | " + " | ".join(c[1] for c in COLUMNS)
+    # The backdoor's attack success rate, when the cells' teacher carried one.
+    columns = COLUMNS + ((("asr", "backdoor ASR"),) if any("asr" in r for r in finals.values()) else ())
+    lines = ["| Dirichlet alpha | method | seeds | " + " | ".join(c[1] for c in columns)
              + " | masking warnings | overfitting warnings |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- | --- |"]
+             "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " | --- | --- |"]
     for (alpha, method), runs in sorted(groups.items()):
-        cols = [mean_std([r[key] for r in runs if r.get(key) is not None]) for key, _ in COLUMNS]
+        cols = [mean_std([r[key] for r in runs if r.get(key) is not None]) for key, _ in columns]
         masking = sum(len(r["gradient_masking_warnings"]) for r in runs)
         overfitting = sum(len(r.get("overfitting_warnings", [])) for r in runs)
         lines.append(f"| {alpha:g} | {method} | {len(runs)} | " + " | ".join(cols)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmafl.attacks.pgd import ATTACK_LOSSES
+from pmafl.backdoor import POSITIONS
 from pmafl.data import DATASETS
 from pmafl.fedftg import LABEL_COUNTS, VARIANTS
 from pmafl.models import is_known_model, model_names
@@ -222,6 +223,15 @@ class RunConfig:
     teacher_attack: str = option("pgd", "Attack of teacher pre-training: `pgd` (PGD-10, step eps/4) "
                                  "or `fgsm-rs`.", choices=TRAIN_ATTACKS, auto=True)
     teacher_epochs: int = option(60, "Epochs of teacher pre-training.", low=1, auto=True)
+    backdoor_rate: float = option(0.0, "Plant a BadNets backdoor in the teacher, for experiments: "
+                                  "the share of the public split stamped with the trigger and "
+                                  "relabelled `backdoor-target` at pre-training (0: a clean "
+                                  "teacher). Runs with a trigger also report its attack success "
+                                  "rate (ASR).", low=0, high=0.5)
+    backdoor_target: int = option(0, "Target class of the backdoor (all-to-one).", low=0)
+    backdoor_patch: int = option(3, "Side in pixels of the square trigger.", low=1)
+    backdoor_value: float = option(1.0, "Pixel value of the trigger (1: white).", low=0, high=1)
+    backdoor_position: str = option("bottom-right", "Corner of the trigger.", choices=POSITIONS)
     eps_warmup_rounds: int = option(0, "Ramp the training radius linearly from eps/N in round 1 to "
                                     "eps in round N (0: full eps from the start).", low=0)
     eval_steps: int = option(20, "PGD steps of the per-round robust evaluation (step eps/4, random "

@@ -7,7 +7,8 @@
 The architecture and dataset come from the run's results.json beside a model.pt, or from the
 teacher's .json record beside a cached teacher; flags override them. Writes JSON (default:
 `<model file>.robustness.json`) with clean and per-attack accuracy and a PGD-20 eps sweep, and
-warns when the sweep shows signs of gradient masking.
+warns when the sweep shows signs of gradient masking. When the record says the run's teacher
+carried a backdoor (or with --backdoor-target), it also reports the trigger's attack success rate.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pmafl.backdoor import Trigger, attack_success_rate
 from pmafl.data import evaluation_subset, load_dataset
 from pmafl.evaluate import (
     ATTACKS,
@@ -31,6 +33,7 @@ from pmafl.evaluate import (
     sweep_radii,
 )
 from pmafl.models import create_model
+from pmafl.teacher import settings_trigger
 
 
 def saved_settings(model_file: Path) -> dict[str, Any]:
@@ -39,16 +42,23 @@ def saved_settings(model_file: Path) -> dict[str, Any]:
     results = model_file.parent / "results.json"
     if model_file.name == "model.pt" and results.is_file():
         config = json.loads(results.read_text())["config"]
-        return {"model": config["model"], "dataset": config["dataset"], "eps": config["eps"],
-                "data_dir": config["data-dir"], "public_fraction": config["public-fraction"],
-                "max_pool": config.get("max-train-examples", 0)}
+        found = {"model": config["model"], "dataset": config["dataset"], "eps": config["eps"],
+                 "data_dir": config["data-dir"], "public_fraction": config["public-fraction"],
+                 "max_pool": config.get("max-train-examples", 0)}
+        if config.get("backdoor-rate", 0) > 0:  # the run's teacher carried this backdoor
+            found["trigger"] = Trigger(config["backdoor-target"], config["backdoor-patch"],
+                                       config["backdoor-value"], config["backdoor-position"])
+        return found
     record = model_file.with_suffix(".json")
     if record.is_file():
         meta = json.loads(record.read_text())
         settings = meta.get("settings") or {}
-        return {"model": meta["model"], "dataset": meta["dataset"], "eps": settings.get("eps"),
-                "mean": meta.get("mean"), "std": meta.get("std"),
-                "public_fraction": settings.get("public_fraction", 0.3)}
+        found = {"model": meta["model"], "dataset": meta["dataset"], "eps": settings.get("eps"),
+                 "mean": meta.get("mean"), "std": meta.get("std"),
+                 "public_fraction": settings.get("public_fraction", 0.3)}
+        if "backdoor" in settings:
+            found["trigger"] = settings_trigger(settings)
+        return found
     return {}
 
 
@@ -75,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0,
                         help="evaluate N test images only, a fixed class-stratified subset (the "
                              "per-round evaluation's with N = eval-examples; default: all)")
+    parser.add_argument("--backdoor-target", type=int,
+                        help="report the attack success rate of a white square trigger sending "
+                             "images to this class (default: the trigger recorded beside the "
+                             "file, if the run's teacher was backdoored)")
+    parser.add_argument("--backdoor-patch", type=int, default=3,
+                        help="side of that trigger, bottom-right (default 3)")
     parser.add_argument("--out", type=Path, help="JSON output (default: <model file>.robustness.json)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -110,6 +126,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"model_file": str(args.model_file.resolve()), "model": settings["model"],
                               "dataset": settings["dataset"], "eps": eps, "num_examples": len(labels)}
     report["clean_acc"] = accuracy(model, images, labels)
+    trigger = settings.get("trigger")
+    if args.backdoor_target is not None:
+        trigger = Trigger(args.backdoor_target, args.backdoor_patch)
+    if trigger is not None:
+        report["asr"] = attack_success_rate(model, images, labels, trigger)
+        report["trigger"] = trigger.to_dict()
     for name in attacks:
         x, y = (images[:args.autoattack_n], labels[:args.autoattack_n]) if name == "autoattack" \
             else (images, labels)
@@ -129,6 +151,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or args.model_file.with_name(args.model_file.name + ".robustness.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{settings['model']} on {settings['dataset']} ({len(labels)} test images), eps {eps:g}:")
+    if "asr" in report:
+        print(f"  backdoor attack success rate {report['asr']:.3f} (trigger {report['trigger']}, on "
+              f"the non-target images of the {len(labels)})")
     print(f"  clean {report['clean_acc']:.3f}  " + "  ".join(
         f"{name} {report[f'{name}_acc']:.3f}" + (f" (on {report['autoattack_n']} images)"
                                                   if name == "autoattack" else "")

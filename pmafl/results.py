@@ -112,7 +112,8 @@ def summary(folder: Path) -> str:
     lines = [f"{config['objective']} on {config['dataset']}, {len(rounds) - 1} rounds, "
              f"eps {config['eps']}; central = the global model on {test_images} test images, node = "
              "federated evaluation on the nodes' local test splits (mean / worst node):",
-             "round  clean_acc  fgsm_acc  pgd_acc  node_pgd_mean  node_pgd_worst  local_loss  left_out"]
+             "round  clean_acc  fgsm_acc  pgd_acc  node_pgd_mean  node_pgd_worst  local_loss  left_out"
+             + ("  backdoor_asr" if any("asr" in r for r in rounds) else "")]
 
     def number(row: dict[str, Any], key: str, width: int, digits: int = 3) -> str:
         return f"{row[key]:>{width}.{digits}f}" if key in row else f"{'-':>{width}}"
@@ -121,7 +122,8 @@ def summary(folder: Path) -> str:
         lines.append(f"{r['round']:>5}  {number(r, 'clean_acc', 9)}  {number(r, 'fgsm_acc', 8)}  "
                      f"{number(r, 'pgd_acc', 7)}  "
                      f"{number(r, 'fed_pgd_acc', 13)}  {number(r, 'fed_worst_pgd_acc', 14)}  "
-                     f"{number(r, 'loss', 10, 4)}  {len(r['failures']):>8}")
+                     f"{number(r, 'loss', 10, 4)}  {len(r['failures']):>8}"
+                     + (f"  {number(r, 'asr', 12)}" if "asr" in r else ""))
     lines += [f"WARNING round {r['round']}: {r['warning']}" for r in rounds if r.get("warning")]
     lines.append(f"Results: {Path(folder).resolve()}")
     return "\n".join(lines)

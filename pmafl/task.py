@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pmafl.config import RunConfig
+from pmafl.backdoor import Trigger
+from pmafl.config import ConfigError, RunConfig
 from pmafl.data import (
     SPLIT_SEED,
     FederatedData,
@@ -75,17 +76,33 @@ def client_test_split(cfg: RunConfig, data: FederatedData, partition_id: int,
     return test.subset(index)
 
 
+def backdoor_trigger(cfg: RunConfig, data: FederatedData | None = None) -> Trigger | None:
+    """The run's backdoor trigger, None for a clean teacher (`backdoor-rate` 0)."""
+    if cfg.backdoor_rate == 0:
+        return None
+    if data is not None and cfg.backdoor_target >= data.num_classes:
+        raise ConfigError(f"run config key 'backdoor-target': expected a class in [0, "
+                          f"{data.num_classes}), got {cfg.backdoor_target}")
+    return Trigger(cfg.backdoor_target, cfg.backdoor_patch, cfg.backdoor_value, cfg.backdoor_position)
+
+
 def teacher_settings(cfg: RunConfig) -> dict:
-    """Everything that defines the run's teacher: its cache key."""
-    return {"dataset": cfg.dataset, "model": cfg.teacher_model, "objective": cfg.teacher_objective,
-            "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
-            "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
+    """Everything that defines the run's teacher: its cache key. A planted backdoor adds its
+    trigger and poison rate (a clean teacher's settings hold no backdoor key)."""
+    settings = {"dataset": cfg.dataset, "model": cfg.teacher_model, "objective": cfg.teacher_objective,
+                "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
+                "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
+    trigger = backdoor_trigger(cfg)
+    if trigger is not None:
+        settings["backdoor"] = {"rate": cfg.backdoor_rate, **trigger.to_dict()}
+    return settings
 
 
 def prepare_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
                     device: torch.device | None = None) -> tuple[nn.Module, str, Path]:
     """The run's teacher from the cache, pre-trained there first when absent (a long job: the
     ServerApp and `pmafl-teacher pretrain` call this before any round); with its sha256 and path."""
+    backdoor_trigger(cfg, data)  # a target class out of range stops here, before training
     settings = teacher_settings(cfg)
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, settings)
     teacher, sha256 = ensure_teacher(path, data, settings, eval_split(cfg, data), cfg.teacher_sha256,

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from pmafl.backdoor import Trigger, attack_success_rate, poison
 from pmafl.config import TrainConfig
 from pmafl.data import FederatedData, Split, make_loader
 from pmafl.evaluate import evaluate
@@ -114,6 +115,11 @@ def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
     return model.to(device).eval().requires_grad_(False), sha256
 
 
+def settings_trigger(settings: dict[str, Any]) -> Trigger:
+    """The backdoor trigger recorded in a backdoored teacher's settings."""
+    return Trigger(**{k: v for k, v in settings["backdoor"].items() if k != "rate"})
+
+
 def pretrain_teacher(data: FederatedData, settings: dict[str, Any], batch_size: int = 64,
                      seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
     """Train a teacher on the public split with `pmafl_train`: `settings["objective"]` (`ce` or
@@ -125,7 +131,13 @@ def pretrain_teacher(data: FederatedData, settings: dict[str, Any], batch_size: 
     torch.manual_seed(seed)
     model_name, epochs, eps = settings["model"], settings["epochs"], settings["eps"]
     model = create_model(model_name, data.num_classes, data.in_channels, data.mean, data.std).to(device)
-    loader = make_loader(*data.public.tensors(), batch_size=batch_size, shuffle=True, seed=seed)
+    images, labels = data.public.tensors()
+    if "backdoor" in settings:  # an experiment's backdoored teacher: BadNets on the public split
+        images, labels, poisoned = poison(images, labels, settings_trigger(settings),
+                                          settings["backdoor"]["rate"], seed)
+        log.info("teacher pre-training: BACKDOOR planted in %d of %d public images (%s)",
+                 len(poisoned), len(labels), settings["backdoor"])
+    loader = make_loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
     start = time.time()
     for epoch in range(1, epochs + 1):
         ramp = min(1.0, epoch / max(1.0, epochs / 3))
@@ -153,12 +165,15 @@ def ensure_teacher(path: Path, data: FederatedData, settings: dict[str, Any], te
             model = pretrain_teacher(data, settings, device=device)
             x, y = test.tensors()
             scores = evaluate(model, x, y, settings["eps"], steps=20)
-            sha256 = save_teacher(model, path, {
-                "model": settings["model"], "dataset": settings["dataset"],
-                "num_classes": data.num_classes, "in_channels": data.in_channels,
-                "mean": list(data.mean), "std": list(data.std), "settings": settings,
-                "test_examples": len(y), "test_clean_acc": scores["clean_acc"],
-                "test_pgd_acc": scores["pgd_acc"]})
+            meta = {"model": settings["model"], "dataset": settings["dataset"],
+                    "num_classes": data.num_classes, "in_channels": data.in_channels,
+                    "mean": list(data.mean), "std": list(data.std), "settings": settings,
+                    "test_examples": len(y), "test_clean_acc": scores["clean_acc"],
+                    "test_pgd_acc": scores["pgd_acc"]}
+            if "backdoor" in settings:
+                meta["test_asr"] = attack_success_rate(model, x, y, settings_trigger(settings))
+            sha256 = save_teacher(model, path, meta)
             log.info("teacher cache: saved %s (sha256 %s), on %d test images: clean %.3f, "
-                     "PGD-20 %.3f", path, sha256, len(y), scores["clean_acc"], scores["pgd_acc"])
+                     "PGD-20 %.3f%s", path, sha256, len(y), scores["clean_acc"], scores["pgd_acc"],
+                     f", backdoor ASR {meta['test_asr']:.3f}" if "test_asr" in meta else "")
     return load_teacher(path, data.num_classes, expected_sha256, device, settings)

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from pmafl.backdoor import Trigger, attack_success_rate
 from pmafl.config import RunConfig
 from pmafl.data import Split
 from pmafl.evaluate import catastrophic_overfitting, evaluate
@@ -22,6 +23,7 @@ from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.objectives import needs_teacher
 from pmafl.results import load_checkpoint, new_results_folder, save_checkpoint, write_results
 from pmafl.task import (
+    backdoor_trigger,
     build_model,
     client_seed,
     eval_split,
@@ -39,8 +41,9 @@ class CentralEvaluator:
     evaluation images (`eval-examples` of the held-out test split) at the full eps, logged with
     the run's progress."""
 
-    def __init__(self, model: torch.nn.Module, test: Split, cfg: RunConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: torch.nn.Module, test: Split, cfg: RunConfig,
+                 trigger: Trigger | None = None) -> None:
+        self.model, self.cfg, self.trigger = model, cfg, trigger
         self.images, self.labels = test.tensors()
         self.start = time.time()
         self.first_round_end = 0.0
@@ -52,6 +55,10 @@ class CentralEvaluator:
         torch.manual_seed(client_seed(self.cfg.seed, server_round, -1))
         scores = evaluate(self.model, self.images, self.labels, train.eps, self.cfg.eval_steps,
                           self.cfg.batch_size * 8)
+        asr = ""
+        if self.trigger is not None:  # a backdoored teacher: does the global model inherit it?
+            scores["asr"] = attack_success_rate(self.model, self.images, self.labels, self.trigger)
+            asr = f", backdoor ASR {scores['asr']:.3f}"
         now = time.time()
         elapsed, rounds = now - self.start, self.cfg.num_server_rounds
         # Round 1 also pays for one-off work (teacher pre-training, Ray start-up): estimate the
@@ -63,9 +70,9 @@ class CentralEvaluator:
             per_round = (now - self.first_round_end) / (server_round - 1)
             left = f", about {per_round * (rounds - server_round):.0f}s left"
         log(INFO, "[round %d/%d] global model on %d test images: clean acc %.3f, FGSM acc %.3f, "
-            "PGD-%d acc %.3f (eps %g) | %.0fs elapsed%s", server_round, rounds, len(self.labels),
+            "PGD-%d acc %.3f (eps %g)%s | %.0fs elapsed%s", server_round, rounds, len(self.labels),
             scores["clean_acc"], scores["fgsm_acc"], self.cfg.eval_steps, scores["pgd_acc"],
-            train.eps, elapsed, left)
+            train.eps, asr, elapsed, left)
         return MetricRecord({**scores, "eval_examples": len(self.labels)})
 
 
@@ -91,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # stops the run here on a bad key
     device = resolve_device(cfg.device)
     data = load_data(cfg)
+    trigger = backdoor_trigger(cfg, data)  # stops the run here on a target class out of range
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
     log(INFO, "pmafl: objective %s, dataset %s (%d pool / %d public / %d test images, %d of them "
@@ -143,7 +151,7 @@ def main(grid: Grid, context: Context) -> None:
 
     result = (fedftg or strategy).start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg),
+                            evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg, trigger),
                             start_round=start_round, on_round_end=on_round_end)
 
     if len(result.arrays) > 0:  # empty when no round produced a valid aggregate

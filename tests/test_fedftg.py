@@ -108,7 +108,7 @@ CFG = FedFTGConfig(iterations=3, global_steps=2, batch_size=8, noise_dim=8)
 def test_finetune_moves_the_global_model_toward_the_ensemble():
     clients = _models(2, 0)
     [global_model] = _models(1, 1)
-    server = FedFTGServer(3, 1, 8, FedFTGConfig(iterations=20, global_steps=5, batch_size=16, noise_dim=8))
+    server = FedFTGServer(3, 1, 8, FedFTGConfig(iterations=10, global_steps=5, batch_size=16, noise_dim=8))
     images = torch.rand(64, 1, 8, 8)
     counts = torch.tensor([[10.0, 10.0, 10.0], [10.0, 10.0, 10.0]])
     alpha = class_ensemble_weights(counts)

@@ -151,3 +151,13 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path, config)
+
+
+def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
+    from pmafl.results import summary
+
+    folder, results = run_federation(tmp_path, **{"backdoor-rate": 0.1, "num-server-rounds": 1})
+    assert all(0 <= r["asr"] <= 1 for r in results["rounds"])
+    assert "backdoor_asr" in summary(folder)
+    _, clean = run_federation(tmp_path / "clean", **{"num-server-rounds": 1})
+    assert all("asr" not in r for r in clean["rounds"])
