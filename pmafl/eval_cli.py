@@ -140,6 +140,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                              progress=bar.update)
         if name == "autoattack":
             report["autoattack_n"] = len(y)
+            if len(y) < len(labels):  # PGD-20 on the same images: AutoAttack must not exceed it
+                report["autoattack_subset_pgd20_acc"] = accuracy(model, x, y,
+                                                                 make_attack("pgd20", model, eps))
     multiples = [float(m) for m in args.sweep.split(",") if m]
     sweep_n = args.sweep_n or len(labels)
     report["eps_sweep"] = eps_sweep(model, images[:sweep_n], labels[:sweep_n],
@@ -155,8 +158,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  backdoor attack success rate {report['asr']:.3f} (trigger {report['trigger']}, on "
               f"the non-target images of the {len(labels)})")
     print(f"  clean {report['clean_acc']:.3f}  " + "  ".join(
-        f"{name} {report[f'{name}_acc']:.3f}" + (f" (on {report['autoattack_n']} images)"
-                                                  if name == "autoattack" else "")
+        f"{name} {report[f'{name}_acc']:.3f}" + (f" (on {report['autoattack_n']} images"
+                                                  + (f", where PGD-20 gives "
+                                                     f"{report['autoattack_subset_pgd20_acc']:.3f}"
+                                                     if "autoattack_subset_pgd20_acc" in report else "")
+                                                  + ")" if name == "autoattack" else "")
         for name in attacks))
     print(f"  PGD-20 eps sweep (on {report['sweep_n']} images): " + ", ".join(
         f"{r['eps']:.3g}: {r['pgd20_acc']:.3f}" for r in report["eps_sweep"]))

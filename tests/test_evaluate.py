@@ -66,6 +66,8 @@ def test_cli_evaluates_a_cached_teacher_and_writes_json(tmp_path):
     written = json.loads((tmp_path / "digits--cnn-small.pt.robustness.json").read_text())
     assert written == report
     assert report["eps"] == 0.2 and report["num_examples"] == 24 and report["autoattack_n"] == 4
+    # PGD-20 on AutoAttack's own 4 images, the figure AutoAttack must not exceed.
+    assert report["autoattack_acc"] <= report["autoattack_subset_pgd20_acc"] <= 1.0
     for key in ("clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc", "autoattack_acc"):
         assert 0.0 <= report[key] <= 1.0
     # 5 x 0.2 = 1.0 proves nothing (any image reaches grey at 0.5): the sweep stops at 0.4.

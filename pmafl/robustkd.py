@@ -1,0 +1,239 @@
+"""RobustKD (Chen et al., "RobustKD: Robust Knowledge Distillation Based on Feature Variance Against
+Backdoored Teacher Model", Applied Soft Computing 2024, arXiv 2406.03409): vetting a teacher that
+may carry a backdoor, and detoxifying its features.
+
+Detection, the step the public code leaves out, is a Neural Cleanse (Wang et al. 2019) in feature
+space (`reverse_engineer`): at the teacher's last feature stage, for every candidate target class
+t, find the smallest channel mask M in [0, 1]^C and values P (within each channel's range on
+clean data) such that (1 - M) * F + M * P sends clean images to t. A backdoor is a shortcut: its
+target needs far fewer channels than any other class, so its |M|_1 is an outlier (MAD anomaly
+index above 2, on the small side). Why this design: it needs only clean data and the teacher, it
+works on the features that distillation transfers, and with the features of a few hundred clean
+images computed once, each candidate costs a few hundred steps through the teacher's head only.
+
+Detoxification (`DetoxifiedTeacher`): F <- (1 - M) * F + M * P with M the flagged target's mask
+(channels above 0.5) and P each masked channel's mean on clean data, a benign replacement: the
+teacher's features, and with them its logits, no longer carry the shortcut. `pmafl-teacher vet`
+writes M and P beside the teacher (`<teacher>.detox.pt`), and the teacher's record holds that
+file's sha256, so that every node uses the same detoxified teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Feature stages of each architecture, as module names inside `Normalized`: pre-ReLU conv outputs
+# (where Heo et al.'s margin-based feature distillation reads them). Hooks read them, so state
+# dicts and the plug-in path are unchanged.
+FEATURE_STAGES: dict[str, tuple[str, ...]] = {
+    "cnn-small": ("net.2", "net.7"),
+    "cnn-large": ("net.2", "net.7"),
+}
+
+
+def feature_stages(model_name: str) -> tuple[str, ...]:
+    if model_name not in FEATURE_STAGES:
+        raise ValueError(f"RobustKD needs the feature stages of model {model_name!r}; known for "
+                         f"{', '.join(FEATURE_STAGES)}")
+    return FEATURE_STAGES[model_name]
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, stages: Sequence[str]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's logits on `x` and the outputs of its modules named `stages`."""
+    modules = dict(model.named_modules())
+    found: dict[str, torch.Tensor] = {}
+    # A copy: an in-place ReLU right after the stage would overwrite the pre-ReLU values.
+    handles = [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: found.__setitem__(name, out.clone())) for name in stages]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, [found[name] for name in stages]
+
+
+def salt_and_pepper(x: torch.Tensor, rate: float = 0.1) -> torch.Tensor:
+    """`rate` of the pixels (all channels of a location together) set to 0 or 1, half each: the
+    noise RobustKD feeds the student, which breaks trigger patterns in the inputs."""
+    hit = torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < rate
+    salt = torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < 0.5
+    return torch.where(hit, salt.to(x.dtype).expand_as(x), x)
+
+
+def detoxify(features: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """(1 - M) * F + M * P, M and P per channel ([C]), F [N, C, H, W]."""
+    m, p = mask.view(1, -1, 1, 1), pattern.view(1, -1, 1, 1)
+    return (1 - m) * features + m * p
+
+
+def activation_margin(features: torch.Tensor) -> torch.Tensor:
+    """Per channel, the mean of the negative pre-ReLU responses, E[F | F < 0] over a batch of
+    clean data: Heo et al.'s margin, measured (their closed form from BatchNorm statistics needs a
+    BN before the ReLU, which pmafl's CNN teachers do not have). 0 for a channel never negative."""
+    neg = features.clamp(max=0).transpose(0, 1).flatten(1)
+    count = (features < 0).transpose(0, 1).flatten(1).sum(dim=1)
+    return neg.sum(dim=1) / count.clamp_min(1)
+
+
+def partial_l2(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Heo et al. 2019's margin-based partial L2: with target t = max(F_T, m) (m per channel), the
+    squared error (s - t)^2 counts everywhere except where the teacher's response is negative and
+    the student is already below it (s <= t <= 0): there ReLU makes them agree. Averaged over the
+    elements."""
+    target = torch.maximum(teacher, margin.view(1, -1, 1, 1))
+    keep = ~((student <= target) & (target <= 0))
+    return ((student - target).pow(2) * keep).mean()
+
+
+@dataclass
+class VetResult:
+    """What `vet` found: per candidate class, the L1 norm (in pixels) of the smallest input mask
+    that sends clean images there; the MAD anomaly index of the smallest norm and its class; that
+    class's reverse-engineered trigger (mask over pixels, pattern); and the feature detoxification
+    (per-channel mask M and values P at `stage`; all-zero M when the teacher looks clean)."""
+
+    norms: list[float]
+    anomaly_index: float
+    target: int
+    trigger_mask: torch.Tensor
+    trigger_pattern: torch.Tensor
+    stage: str
+    mask: torch.Tensor
+    pattern: torch.Tensor
+
+    @property
+    def backdoored(self) -> bool:
+        return self.anomaly_index > ANOMALY_THRESHOLD
+
+    @property
+    def channels(self) -> list[int]:
+        return torch.nonzero(self.mask > 0).squeeze(1).tolist()
+
+
+ANOMALY_THRESHOLD = 2.0
+
+
+def anomaly_index(norms: Sequence[float]) -> tuple[float, int]:
+    """Neural Cleanse's outlier test on the small side: (median - min) / (1.4826 * MAD), and the
+    class of the minimum."""
+    values = torch.tensor(list(norms), dtype=torch.float64)
+    median = values.quantile(0.5)
+    mad = (values - median).abs().quantile(0.5) * 1.4826
+    smallest = int(values.argmin())
+    return float((median - values[smallest]) / mad.clamp_min(1e-12)), smallest
+
+
+def reverse_engineer_trigger(teacher: nn.Module, images: torch.Tensor, target: int,
+                             steps: int = 300, lr: float = 0.1, target_rate: float = 0.99,
+                             seed: int = 0) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Neural Cleanse for one class: the smallest mask m in [0, 1]^{HxW} and pattern p in
+    [0, 1]^{CxHxW} with x' = (1 - m) x + m p sent to `target` on `target_rate` of the clean
+    `images`; Adam on CE(T(x'), target) + lam |m|_1, lam from 1e-3, times 1.5 after 5 steps in a
+    row that reach the rate, divided by 1.5^1.5 after 5 that do not (the defaults of the original
+    and of BackdoorBench). Returns (|m|_1 of the best mask, or H*W when none reached the rate;
+    mask; pattern)."""
+    generator = torch.Generator().manual_seed(seed * 1009 + target)
+    shape = images.shape[1:]
+    theta = (torch.randn(shape[1:], generator=generator) * 0.1).requires_grad_(True)
+    phi = (torch.randn(shape, generator=generator) * 0.1).requires_grad_(True)
+    optimizer = torch.optim.Adam([theta, phi], lr=lr, betas=(0.5, 0.9))
+    labels = torch.full((len(images),), target)
+    lam, up, down = 1e-3, 0, 0
+    best = (float(shape[1] * shape[2]), torch.zeros(shape[1:]), torch.zeros(shape))
+    for _ in range(steps):
+        mask, pattern = torch.tanh(theta) / 2 + 0.5, torch.tanh(phi) / 2 + 0.5
+        logits = teacher((1 - mask) * images + mask * pattern)
+        loss = F.cross_entropy(logits, labels) + lam * mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            reached = (logits.argmax(1) == target).float().mean().item() >= target_rate
+            if reached and mask.sum().item() < best[0]:
+                best = (mask.sum().item(), mask.detach().clone(), pattern.detach().clone())
+        up, down = (up + 1, 0) if reached else (0, down + 1)
+        if up >= 5:
+            lam, up = lam * 1.5, 0
+        elif down >= 5:
+            lam, down = lam / 1.5**1.5, 0
+    return best
+
+
+def detox_channels(teacher: nn.Module, stage: str, images: torch.Tensor, triggered: torch.Tensor,
+                   target: int, residual: float = 0.2, max_fraction: float = 0.25
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature detoxification against a (reverse-engineered) trigger: channels at `stage`
+    ranked by how much more the triggered images excite them than the clean ones (in units of
+    the clean spread), replaced by their clean mean one by one until fewer than `residual` of the
+    triggered images still reach `target` (at most `max_fraction` of the channels). Returns the
+    per-channel mask M (0 or 1) and values P."""
+    with torch.no_grad():
+        _, (clean,) = stage_features(teacher, images, [stage])
+        _, (bad,) = stage_features(teacher, triggered, [stage])
+        clean_c, bad_c = clean.transpose(0, 1).flatten(1), bad.transpose(0, 1).flatten(1)
+        pattern = clean_c.mean(dim=1)
+        gap = (bad_c.mean(dim=1) - pattern) / (clean_c.std(dim=1) + 1e-6)
+        head = _head(teacher, stage)
+        mask = torch.zeros(len(pattern))
+        for channel in gap.argsort(descending=True)[:max(1, int(max_fraction * len(pattern)))]:
+            if (head(detoxify(bad, mask, pattern)).argmax(1) == target).float().mean() < residual:
+                break
+            mask[channel] = 1.0
+    return mask, pattern
+
+
+def vet(teacher: nn.Module, model_name: str, images: torch.Tensor, steps: int = 300,
+        seed: int = 0) -> VetResult:
+    """Vet a teacher on clean `images` (a few hundred): Neural Cleanse for every class, the
+    outlier test, and, when a class stands out, the feature detoxification against its trigger."""
+    teacher = teacher.eval().requires_grad_(False)
+    stage = feature_stages(model_name)[-1]
+    with torch.no_grad():
+        num_classes = teacher(images[:1]).shape[1]
+    found = [reverse_engineer_trigger(teacher, images, t, steps, seed=seed) for t in range(num_classes)]
+    norms = [norm for norm, _, _ in found]
+    index, target = anomaly_index(norms)
+    _, trigger_mask, trigger_pattern = found[target]
+    channels = benign_pattern(teacher, stage, images).shape[0]
+    mask, pattern = torch.zeros(channels), benign_pattern(teacher, stage, images)
+    if index > ANOMALY_THRESHOLD:
+        triggered = (1 - trigger_mask) * images + trigger_mask * trigger_pattern
+        mask, pattern = detox_channels(teacher, stage, images, triggered, target)
+    return VetResult(norms, index, target, trigger_mask, trigger_pattern, stage, mask, pattern)
+
+
+def _head(model: nn.Module, stage: str) -> nn.Module:
+    """The layers after `stage` in a `Normalized` nn.Sequential network."""
+    index = int(stage.split(".")[1])
+    return model.net[index + 1:]
+
+
+class DetoxifiedTeacher(nn.Module):
+    """The teacher with its features at `stage` detoxified, F <- (1 - M) * F + M * P, through a
+    forward hook: its logits (what PM-AFL distils) and features come out of the cleaned stage."""
+
+    def __init__(self, teacher: nn.Module, stage: str, mask: torch.Tensor, pattern: torch.Tensor) -> None:
+        super().__init__()
+        self.teacher, self.stage = copy.deepcopy(teacher), stage  # the hook stays on the copy
+        self.register_buffer("mask", mask.float().clone())
+        self.register_buffer("pattern", pattern.float().clone())
+        module = dict(self.teacher.named_modules())[stage]
+        module.register_forward_hook(lambda _m, _i, out: detoxify(out, self.mask, self.pattern))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+
+def benign_pattern(teacher: nn.Module, stage: str, images: torch.Tensor) -> torch.Tensor:
+    """Each channel's mean response at `stage` on clean images: what a masked channel is set to."""
+    with torch.no_grad():
+        _, (features,) = stage_features(teacher.eval(), images, [stage])
+    return features.transpose(0, 1).flatten(1).mean(dim=1)
