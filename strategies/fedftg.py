@@ -18,7 +18,7 @@ from flwr.supercore import log
 from torch import nn
 
 from pmafl.fedftg import LABEL_COUNTS, FedFTGServer
-from strategies.strategy_utils import canonical_order, reply_problem, run_rounds
+from strategies.strategy_utils import array_specs, canonical_order, reply_problem, run_rounds
 
 
 def label_counts_problem(counts: Any, num_classes: int, num_examples: Any) -> str | None:
@@ -68,7 +68,7 @@ class FedFTG(Strategy):
         self.strategy, self.model_fn, self.server = strategy, model_fn, server
         self.num_classes = num_classes
         self.left_out: dict[int, list[dict[str, Any]]] = {}
-        self._sent_shapes: dict[str, tuple[int, ...]] = {}
+        self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedFTG server fine-tuning after aggregation:")
@@ -79,7 +79,7 @@ class FedFTG(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The base strategy's train messages, asking for label counts."""
-        self._sent_shapes = {key: tuple(array.shape) for key, array in arrays.items()}
+        self._sent_arrays = array_specs(arrays)
         config = ConfigRecord({**config, LABEL_COUNTS: True})
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
@@ -147,7 +147,7 @@ class FedFTG(Strategy):
             node = msg.metadata.src_node_id
             metric_records = list(msg.content.metric_records.values())
             counts = metric_records[0].pop(LABEL_COUNTS, None) if len(metric_records) == 1 else None
-            problem = reply_problem(msg.content, self._sent_shapes, weighted_by_key)
+            problem = reply_problem(msg.content, self._sent_arrays, weighted_by_key)
             if problem is None:
                 problem = label_counts_problem(counts, self.num_classes,
                                                metric_records[0][weighted_by_key])

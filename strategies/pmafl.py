@@ -3,6 +3,7 @@ one bad client reply end the run."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -15,8 +16,10 @@ from flwr.supercore import log
 from pmafl.config import TrainConfig
 from pmafl.train import warmup_eps
 from strategies.strategy_utils import (
+    array_specs,
     canonical_order,
     error_summary,
+    expected_metric_keys,
     reply_problem,
     run_rounds,
     weighted_mean,
@@ -63,8 +66,9 @@ class PMAFL(FedAvg):
         self.eps_warmup_rounds = eps_warmup_rounds
         self.num_rounds = 0
         self.failures: dict[int, list[dict[str, Any]]] = {}
-        self._sent_shapes: dict[str, tuple[int, ...]] = {}
+        self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self._claims: dict[tuple[str, int], tuple[int, int]] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> PM-AFL local training (broadcast each round):")
@@ -83,14 +87,14 @@ class PMAFL(FedAvg):
         config = ConfigRecord({**self.train_config.to_record(), "eps": self.round_eps(server_round),
                                **config})
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent_shapes = {key: tuple(array.shape) for key, array in arrays.items()}
+        self._sent_arrays = array_specs(arrays)
         self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean of the valid replies' arrays and metrics."""
-        valid = self._screen(server_round, "train", replies, self._sent_shapes)
+        valid = self._screen(server_round, "train", replies, self._sent_arrays)
         if not valid:
             log(WARNING, "round %d: no valid train reply; the global model stays as it was",
                 server_round)
@@ -140,12 +144,17 @@ class PMAFL(FedAvg):
                           evaluate_config, evaluate_fn, start_round, on_round_end)
 
     def _screen(self, server_round: int, stage: str, replies: Iterable[Message],
-                expected_shapes: dict[str, tuple[int, ...]] | None) -> list[Message]:
-        """The replies fit to average; log and record the others, and the nodes that never answered."""
+                expected_arrays: dict[str, tuple[tuple[int, ...], str]] | None) -> list[Message]:
+        """The replies fit to average; log and record the others, and the nodes that never answered.
+
+        Order-independent by construction: a node that replied more than once has all its replies
+        left out, and the metric keys a reply must carry are the ones most replies carry."""
+        replies = list(replies)
         valid: list[Message] = []
         answered: set[int] = set()
-        metric_keys: set[str] | None = None
         sampled = self._sampled[stage]
+        times = Counter(msg.metadata.src_node_id for msg in replies if not msg.has_error())
+        metric_keys = expected_metric_keys([msg.content for msg in replies if not msg.has_error()])
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -156,13 +165,19 @@ class PMAFL(FedAvg):
                     self._fail(server_round, stage, node,
                                f"error reply (code {msg.error.code}): {error_summary(msg.error.reason)}")
                 continue
+            if node not in sampled:
+                self._fail(server_round, stage, node, "reply from a node not sampled this round")
+                continue
             answered.add(node)
-            problem = reply_problem(msg.content, expected_shapes, self.weighted_by_key, metric_keys)
+            if times[node] > 1:
+                self._fail(server_round, stage, node, f"replied {times[node]} times this round; "
+                           "every reply of it is left out")
+                continue
+            problem = (reply_problem(msg.content, expected_arrays, self.weighted_by_key, metric_keys)
+                       or self._claim_problem(server_round, stage, node, msg))
             if problem:
                 self._fail(server_round, stage, node, f"malformed reply: {problem}")
                 continue
-            if metric_keys is None:
-                metric_keys = set(next(iter(msg.content.metric_records.values())).keys())
             valid.append(msg)
         for node in sorted(set(sampled) - answered):
             self._fail(server_round, stage, node, "no reply (node unreachable or round timed out)")
@@ -170,6 +185,16 @@ class PMAFL(FedAvg):
             log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round,
                 stage, len(valid), len(sampled))
         return valid
+
+    def _claim_problem(self, server_round: int, stage: str, node: int, msg: Message) -> str | None:
+        """A node's data does not grow: its `num-examples` may not exceed what it claimed in the
+        first round it answered (a reply claiming far more would take the average's weight)."""
+        claim = next(iter(msg.content.metric_records.values()))[self.weighted_by_key]
+        first = self._claims.setdefault((stage, node), (claim, server_round))
+        if claim > first[0]:
+            return (f"'{self.weighted_by_key}' is {claim!r}, more than the {first[0]!r} this node "
+                    f"claimed in round {first[1]}")
+        return None
 
     def _fail(self, server_round: int, stage: str, node: int, reason: str) -> None:
         log(WARNING, "round %d %s: node %d left out: %s", server_round, stage, node, reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from logging import INFO
 
@@ -116,29 +117,45 @@ def error_summary(reason: str | None, limit: int = 500) -> str:
     return gist if len(gist) <= limit else gist[: limit - 3] + "..."
 
 
-def reply_problem(content: RecordDict, expected_shapes: dict[str, tuple[int, ...]] | None,
+def array_specs(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype)} of the arrays sent: what every train reply must give back."""
+    return {key: (tuple(array.shape), array.dtype) for key, array in arrays.items()}
+
+
+def expected_metric_keys(contents: list[RecordDict]) -> set[str] | None:
+    """The metric keys most replies carry (ties: the first in sorted order): what a reply must
+    carry, whatever order the replies arrived in. None when no reply has one MetricRecord."""
+    sets = Counter(frozenset(next(iter(c.metric_records.values())).keys())
+                   for c in contents if len(c.metric_records) == 1)
+    if not sets:
+        return None
+    return set(min(sets, key=lambda keys: (-sets[keys], sorted(keys))))
+
+
+def reply_problem(content: RecordDict, expected_arrays: dict[str, tuple[tuple[int, ...], str]] | None,
                   weighted_by_key: str, metric_keys: set[str] | None = None) -> str | None:
     """Why a reply cannot be averaged, or None when it can.
 
-    A train reply (expected_shapes given) must hold exactly one ArrayRecord with the keys and
-    shapes of the arrays that were sent, all finite. Every reply must hold exactly one
-    MetricRecord with a positive, finite `weighted_by_key`, finite values, and (when given) the
-    same keys as the other replies.
+    A train reply (expected_arrays given) must hold exactly one ArrayRecord with the keys, shapes
+    and dtypes of the arrays that were sent, all finite. Every reply must hold exactly one
+    MetricRecord with a positive integer `weighted_by_key`, finite values, and (when given) the
+    keys `metric_keys`.
     """
-    if expected_shapes is not None:
+    if expected_arrays is not None:
         if len(content.array_records) != 1:
             return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
-        problem = array_problem(next(iter(content.array_records.values())), expected_shapes)
+        problem = array_problem(next(iter(content.array_records.values())), expected_arrays)
         if problem:
             return problem
     if len(content.metric_records) != 1:
         return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
     metrics = next(iter(content.metric_records.values()))
     weight = metrics.get(weighted_by_key)
-    if isinstance(weight, list) or weight is None or not math.isfinite(weight) or weight <= 0:
-        return f"metric '{weighted_by_key}' must be a positive number, got {weight!r}"
+    if (isinstance(weight, list) or weight is None or not math.isfinite(weight) or weight <= 0
+            or weight != int(weight)):
+        return f"metric '{weighted_by_key}' must be a positive integer, got {weight!r}"
     if metric_keys is not None and set(metrics.keys()) != metric_keys:
-        return f"metric keys {sorted(metrics.keys())} differ from the other replies' {sorted(metric_keys)}"
+        return f"metric keys {sorted(metrics.keys())} differ from the round's {sorted(metric_keys)}"
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) for v in values):
@@ -146,15 +163,18 @@ def reply_problem(content: RecordDict, expected_shapes: dict[str, tuple[int, ...
     return None
 
 
-def array_problem(arrays: ArrayRecord, expected_shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Missing or extra keys, a shape other than the one sent, NaN or Inf values."""
-    missing = sorted(set(expected_shapes) - set(arrays.keys()))
-    extra = sorted(set(arrays.keys()) - set(expected_shapes))
+def array_problem(arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """Missing or extra keys, a shape or dtype other than the one sent, NaN or Inf values."""
+    missing = sorted(set(expected) - set(arrays.keys()))
+    extra = sorted(set(arrays.keys()) - set(expected))
     if missing or extra:
         return f"array keys differ from the global model's: missing {missing}, unexpected {extra}"
     for key, array in arrays.items():
-        if tuple(array.shape) != expected_shapes[key]:
-            return f"array '{key}' has shape {tuple(array.shape)}, expected {expected_shapes[key]}"
+        shape, dtype = expected[key]
+        if tuple(array.shape) != shape:
+            return f"array '{key}' has shape {tuple(array.shape)}, expected {shape}"
+        if array.dtype != dtype:
+            return f"array '{key}' has dtype {array.dtype}, expected {dtype} (as sent)"
         values = array.numpy()
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"array '{key}' holds NaN or Inf values"

@@ -76,7 +76,7 @@ def test_aggregate_does_not_depend_on_reply_order():
     rng = np.random.default_rng(0)
     shapes = {"w": (200, 100), "b": (100,)}
     sent = configured(strategy, nodes)
-    strategy._sent_shapes = shapes
+    strategy._sent_arrays = {k: (shape, "float32") for k, shape in shapes.items()}
     replies = [reply(sent[i], {k: (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3)).astype(np.float32)
                                for k, shape in shapes.items()},
                      int(rng.integers(1, 100)), loss=float(rng.random()))
@@ -122,7 +122,7 @@ def test_integer_arrays_stay_integers():
     strategy = PMAFL(min_available_nodes=2, min_train_nodes=2)
     sent = configured(strategy, nodes=(11, 12))
     global_shapes = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
-    strategy._sent_shapes["steps"] = ()
+    strategy._sent_arrays["steps"] = ((), "int64")
     replies = [reply(sent[11], {**global_shapes, "steps": np.array(10, np.int64)}, 1),
                reply(sent[12], {**global_shapes, "steps": np.array(20, np.int64)}, 3)]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -138,7 +138,7 @@ def bad_replies():
         "nan": (nan, 10, "NaN or Inf"),
         "shape": (wrong_shape, 10, "has shape (3, 2), expected (2, 3)"),
         "missing": (missing, 10, "missing ['b']"),
-        "zero-examples": (good, 0, "'num-examples' must be a positive number"),
+        "zero-examples": (good, 0, "'num-examples' must be a positive integer"),
     }
 
 
@@ -185,3 +185,80 @@ def test_round_with_no_valid_reply_keeps_the_global_model():
     replies = [Message(Error(code=2, reason="boom"), reply_to=m) for m in sent.values()]
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert sorted(f["node"] for f in strategy.failures[1]) == [11, 12, 13]
+
+
+GOOD = {"w": np.full((2, 3), 2.0, np.float32), "b": np.full(3, 3.0, np.float32)}
+
+
+def reasons(strategy, server_round=1):
+    return {f["node"]: f["reason"] for f in strategy.failures.get(server_round, [])}
+
+
+@pytest.mark.parametrize("arrays, problem", [
+    ({"w": np.full((2, 3), 1e300), "b": np.full(3, 3.0, np.float32)}, "dtype float64, expected float32"),
+    ({"w": np.full((2, 3), 2, np.int32), "b": np.full(3, 3.0, np.float32)}, "dtype int32, expected float32"),
+])
+def test_arrays_of_another_dtype_than_sent_are_left_out(arrays, problem):
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0),
+               reply(sent[13], arrays, 10, loss=1.0)]
+    result, _ = strategy.aggregate_train(1, replies)
+    assert problem in reasons(strategy)[13]
+    assert result["w"].numpy().dtype == np.float32 and np.allclose(result["w"].numpy(), 2.0)
+
+
+def test_num_examples_must_be_an_integer_no_larger_than_the_first_claim():
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    sent = configured(strategy)
+    strategy.aggregate_train(1, [reply(sent[n], GOOD, 10, loss=1.0) for n in (11, 12, 13)])
+    sent = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(2, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+    other = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], other, 1e308, loss=1.0),
+               reply(sent[13], other, 10.5, loss=1.0)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    found = reasons(strategy, 2)
+    assert "'num-examples' is 1e+308, more than the 10 this node claimed in round 1" in found[12]
+    assert "positive integer, got 10.5" in found[13]
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+    # A claim above the first round's, finite and integral, is refused too.
+    sent = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(3, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+    strategy.aggregate_train(3, [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0),
+                                 reply(sent[13], other, 11, loss=1.0)])
+    assert "is 11, more than the 10 this node claimed in round 1" in reasons(strategy, 3)[13]
+
+
+def test_a_node_that_replies_twice_is_left_out_whatever_the_order():
+    for order in ((0, 1, 2, 3), (3, 2, 1, 0)):
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+        sent = configured(strategy)
+        other = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+        replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0),
+                   reply(sent[13], other, 10, loss=1.0), reply(sent[13], other, 10, loss=1.0)]
+        arrays, _ = strategy.aggregate_train(1, [replies[i] for i in order])
+        assert np.allclose(arrays["w"].numpy(), 2.0)
+        assert "replied 2 times this round" in reasons(strategy)[13]
+
+
+def test_the_expected_metric_keys_are_the_majoritys_not_the_first_replys():
+    for first in (11, 13):
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+        sent = configured(strategy)
+        odd = reply(sent[13], GOOD, 10, loss=1.0, extra=5.0)
+        replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0)]
+        replies = [odd, *replies] if first == 13 else [*replies, odd]
+        _, metrics = strategy.aggregate_train(1, replies)
+        assert "extra" not in metrics
+        expected = "metric keys ['extra', 'loss', 'num-examples'] differ from the round's"
+        assert expected in reasons(strategy)[13]
+
+
+def test_a_reply_from_a_node_not_sampled_is_left_out():
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2)
+    sent = configured(strategy, nodes=(11, 12))
+    unasked = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=99, message_type="train")
+    replies = [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), reply(unasked, GOOD, 5)]
+    strategy.aggregate_train(1, replies)
+    assert "not sampled" in reasons(strategy)[99]
