@@ -179,7 +179,8 @@ class RunConfig:
     num_server_rounds: int = option(30, "Federated rounds.", low=1)
     fraction_train: float = option(1.0, "Fraction of connected nodes sampled each round.",
                                    low=0, high=1, low_open=True)
-    min_train_nodes: int = option(2, "Fewest nodes trained per round.", low=1)
+    min_train_nodes: int = option(2, "Fewest nodes trained per round, and the fewest valid replies "
+                                  "that make a round count.", low=1)
     min_available_nodes: int = option(2, "Nodes that must be connected before a round starts.", low=1)
     federated_eval_every: int = option(5, "Federated evaluation (each node, clean and PGD on its "
                                        "local test split; mean and worst node) every N rounds "
@@ -188,6 +189,12 @@ class RunConfig:
                                       "evaluation.", low=0, high=1, low_open=True)
     round_timeout: float = option(600.0, "Seconds the server waits for replies in a round.",
                                   low=0, low_open=True)
+    node_wait_timeout: float = option(3600.0, "Seconds the server waits for `min-available-nodes` "
+                                      "connected nodes before a round; then the run stops with "
+                                      "an error (its checkpoint intact).", low=0, low_open=True)
+    max_idle_rounds: int = option(3, "Stop the run after this many rounds in a row with fewer "
+                                  "than `min-train-nodes` valid replies (such a round leaves the "
+                                  "global model as it was).", low=1)
     dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), "
                           "`fashion-mnist` (Debian's `dataset-fashion-mnist`, offline, or "
                           "`data-dir`), `cifar10`, `cifar100`, `svhn` (from `data-dir`).",

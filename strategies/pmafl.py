@@ -3,6 +3,7 @@ one bad client reply end the run."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -27,6 +28,10 @@ from strategies.strategy_utils import (
 )
 
 
+class FederationStalled(RuntimeError):
+    """The federation cannot make progress: too few nodes, or too few valid replies."""
+
+
 class PMAFL(FedAvg):
     """Pre-trained Model guided Adversarial Federated Learning, server side.
 
@@ -37,7 +42,11 @@ class PMAFL(FedAvg):
     with its node id and the reason, when it is an error reply, lacks the arrays or the
     `num-examples` metric, or carries arrays of the wrong keys or shapes, or NaN/Inf values; a
     sampled node that does not answer is logged as missing. `failures` keeps every left-out reply
-    per round. If no reply is valid, the global model stays as it was.
+    per round. A round counts only with at least `min_train_nodes` valid replies; otherwise the
+    global model stays as it was, and after `max_idle_rounds` such rounds in a row the run stops
+    with `FederationStalled`. So it does when fewer than `min_available_nodes` nodes are
+    connected for longer than `node_wait_timeout` seconds (Flower's sampling would wait for ever).
+    The checkpoint of the last completed round stays intact either way.
 
     Parameters
     ----------
@@ -51,6 +60,10 @@ class PMAFL(FedAvg):
         Federated evaluation (each sampled node on its local test split) every this many rounds
         and in the last round; 0 turns it off, as does fraction_evaluate=0. Its metrics are the
         weighted mean over nodes plus `worst-<key>` for every accuracy.
+    node_wait_timeout : float (default: 3600)
+        Seconds to wait for `min_available_nodes` connected nodes before a round, then stop.
+    max_idle_rounds : int (default: 3)
+        Stop after this many rounds in a row with fewer than `min_train_nodes` valid replies.
     **fedavg_kwargs
         Passed to Flower's `FedAvg`: fraction_train (1.0), fraction_evaluate (1.0),
         min_train_nodes (2), min_evaluate_nodes (2), min_available_nodes (2),
@@ -59,11 +72,14 @@ class PMAFL(FedAvg):
     """
 
     def __init__(self, train_config: TrainConfig | None = None, evaluate_every: int = 1,
-                 eps_warmup_rounds: int = 0, **fedavg_kwargs: Any) -> None:
+                 eps_warmup_rounds: int = 0, node_wait_timeout: float = 3600.0,
+                 max_idle_rounds: int = 3, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.train_config = train_config or TrainConfig()
         self.evaluate_every = evaluate_every
         self.eps_warmup_rounds = eps_warmup_rounds
+        self.node_wait_timeout, self.max_idle_rounds = node_wait_timeout, max_idle_rounds
+        self._idle_rounds = 0
         self.num_rounds = 0
         self.failures: dict[int, list[dict[str, Any]]] = {}
         self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -86,6 +102,7 @@ class PMAFL(FedAvg):
         ramped during the warm-up)."""
         config = ConfigRecord({**self.train_config.to_record(), "eps": self.round_eps(server_round),
                                **config})
+        self._wait_for_nodes(server_round, grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent_arrays = array_specs(arrays)
         self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]
@@ -95,10 +112,19 @@ class PMAFL(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean of the valid replies' arrays and metrics."""
         valid = self._screen(server_round, "train", replies, self._sent_arrays)
-        if not valid:
-            log(WARNING, "round %d: no valid train reply; the global model stays as it was",
-                server_round)
+        if len(valid) < self.min_train_nodes:
+            self._idle_rounds += 1
+            log(WARNING, "round %d: %d valid train replies, fewer than min-train-nodes (%d); the "
+                "global model stays as it was (%d such rounds in a row)", server_round, len(valid),
+                self.min_train_nodes, self._idle_rounds)
+            if self._idle_rounds >= self.max_idle_rounds:
+                raise FederationStalled(
+                    f"{self._idle_rounds} rounds in a row with fewer than min-train-nodes "
+                    f"({self.min_train_nodes}) valid replies (max-idle-rounds): stopping; the "
+                    f"checkpoint of the last completed round is intact. Last round's failures: "
+                    f"{self.failures.get(server_round, [])}")
             return None, None
+        self._idle_rounds = 0
         contents = canonical_order([msg.content for msg in valid])
         arrays = weighted_mean([next(iter(c.array_records.values())) for c in contents],
                                [next(iter(c.metric_records.values()))[self.weighted_by_key]
@@ -185,6 +211,23 @@ class PMAFL(FedAvg):
             log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round,
                 stage, len(valid), len(sampled))
         return valid
+
+    def _wait_for_nodes(self, server_round: int, grid: Grid) -> None:
+        """Wait until `min_available_nodes` are connected, at most `node_wait_timeout` seconds."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        logged = False
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise FederationStalled(
+                    f"round {server_round}: {connected} nodes connected, fewer than "
+                    f"min-available-nodes ({self.min_available_nodes}), for {self.node_wait_timeout:g}s "
+                    "(node-wait-timeout): stopping; the checkpoint of the last completed round "
+                    "is intact")
+            if not logged:
+                log(INFO, "round %d: waiting for %d nodes (%d connected), at most %gs",
+                    server_round, self.min_available_nodes, connected, self.node_wait_timeout)
+                logged = True
+            time.sleep(min(1.0, self.node_wait_timeout))
 
     def _claim_problem(self, server_round: int, stage: str, node: int, msg: Message) -> str | None:
         """A node's data does not grow: its `num-examples` may not exceed what it claimed in the

@@ -58,8 +58,8 @@ def plain_mean():
 
 
 @pytest.mark.parametrize("base", [
-    lambda: PMAFL(min_available_nodes=3, min_train_nodes=3),
-    lambda: FedAvg(min_available_nodes=3, min_train_nodes=3),
+    lambda: PMAFL(min_available_nodes=3, min_train_nodes=2),
+    lambda: FedAvg(min_available_nodes=3, min_train_nodes=2),
 ], ids=["PMAFL", "FedAvg"])
 def test_wrapper_finetunes_the_base_aggregate(base):
     strategy = wrap(base())
@@ -82,7 +82,7 @@ def test_wrapper_finetunes_the_base_aggregate(base):
 
 
 def test_bad_label_counts_leave_the_ensemble_not_the_average(caplog):
-    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=3))
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2))
     counts = (None, [10, 10], [10, 10, 10])
     arrays, metrics = strategy.aggregate_train(1, replies_to(strategy, counts, (10, 20, 29)))
     reasons = {f["node"]: f["reason"] for f in strategy.left_out[1]}
@@ -99,7 +99,7 @@ def test_bad_label_counts_leave_the_ensemble_not_the_average(caplog):
 
 
 def test_one_valid_client_is_an_ensemble_of_one():
-    strategy = wrap(FedAvg(min_available_nodes=3, min_train_nodes=3))
+    strategy = wrap(FedAvg(min_available_nodes=3, min_train_nodes=2))
     _, metrics = strategy.aggregate_train(1, replies_to(strategy, (GOOD[0], None, [1, 2, 3])))
     assert metrics["fedftg-clients"] == 1
     assert sorted(f["node"] for f in strategy.left_out[1]) == [12, 13]

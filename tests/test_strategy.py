@@ -45,7 +45,7 @@ def reply(instruction, arrays, num_examples, **metrics):
 
 
 def test_configure_train_broadcasts_the_train_config_and_round():
-    strategy = PMAFL(TrainConfig(alpha=0.25, objective="pmafl"), min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(TrainConfig(alpha=0.25, objective="pmafl"), min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     assert sorted(sent) == [11, 12, 13]
     config = sent[11].content["config"]
@@ -54,7 +54,7 @@ def test_configure_train_broadcasts_the_train_config_and_round():
 
 
 def test_aggregate_is_the_example_weighted_mean():
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     w = {11: np.full((2, 3), 1.0), 12: np.full((2, 3), 4.0), 13: np.arange(6.0).reshape(2, 3)}
     n = {11: 10, 12: 30, 13: 60}
@@ -145,7 +145,7 @@ def bad_replies():
 @pytest.mark.parametrize("kind", ["nan", "shape", "missing", "zero-examples", "error", "no-metrics",
                                   "silent"])
 def test_bad_reply_is_left_out_logged_and_the_round_goes_on(kind, caplog):
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     good = {"w": np.full((2, 3), 2.0, np.float32), "b": np.full(3, 3.0, np.float32)}
     replies = [reply(sent[11], good, 10, loss=1.0), reply(sent[12], good, 30, loss=1.0)]
@@ -180,7 +180,7 @@ def test_error_reason_keeps_the_clientapp_message():
 
 
 def test_round_with_no_valid_reply_keeps_the_global_model():
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     replies = [Message(Error(code=2, reason="boom"), reply_to=m) for m in sent.values()]
     assert strategy.aggregate_train(1, replies) == (None, None)
@@ -199,7 +199,7 @@ def reasons(strategy, server_round=1):
     ({"w": np.full((2, 3), 2, np.int32), "b": np.full(3, 3.0, np.float32)}, "dtype int32, expected float32"),
 ])
 def test_arrays_of_another_dtype_than_sent_are_left_out(arrays, problem):
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0),
                reply(sent[13], arrays, 10, loss=1.0)]
@@ -209,7 +209,7 @@ def test_arrays_of_another_dtype_than_sent_are_left_out(arrays, problem):
 
 
 def test_num_examples_must_be_an_integer_no_larger_than_the_first_claim():
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=1)
     sent = configured(strategy)
     strategy.aggregate_train(1, [reply(sent[n], GOOD, 10, loss=1.0) for n in (11, 12, 13)])
     sent = {m.metadata.dst_node_id: m for m in
@@ -232,7 +232,7 @@ def test_num_examples_must_be_an_integer_no_larger_than_the_first_claim():
 
 def test_a_node_that_replies_twice_is_left_out_whatever_the_order():
     for order in ((0, 1, 2, 3), (3, 2, 1, 0)):
-        strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
         sent = configured(strategy)
         other = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
         replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0),
@@ -244,7 +244,7 @@ def test_a_node_that_replies_twice_is_left_out_whatever_the_order():
 
 def test_the_expected_metric_keys_are_the_majoritys_not_the_first_replys():
     for first in (11, 13):
-        strategy = PMAFL(min_available_nodes=3, min_train_nodes=3)
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
         sent = configured(strategy)
         odd = reply(sent[13], GOOD, 10, loss=1.0, extra=5.0)
         replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0)]
@@ -262,3 +262,36 @@ def test_a_reply_from_a_node_not_sampled_is_left_out():
     replies = [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), reply(unasked, GOOD, 5)]
     strategy.aggregate_train(1, replies)
     assert "not sampled" in reasons(strategy)[99]
+
+
+def test_a_round_needs_min_train_nodes_valid_replies_and_a_stalled_run_stops():
+    from strategies.pmafl import FederationStalled
+
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, max_idle_rounds=2)
+    for server_round in (1, 2):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        replies = [reply(sent[11], GOOD, 10, loss=1.0),
+                   Message(Error(code=2, reason="boom"), reply_to=sent[12])]
+        if server_round == 1:
+            assert strategy.aggregate_train(server_round, replies) == (None, None)
+        else:
+            with pytest.raises(FederationStalled, match="2 rounds in a row with fewer than "
+                                                        "min-train-nodes \\(2\\) valid replies"):
+                strategy.aggregate_train(server_round, replies)
+    # A valid round in between resets the count.
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, max_idle_rounds=2)
+    for server_round, good in ((1, 1), (2, 2), (3, 1)):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        replies = [reply(sent[n], GOOD, 10, loss=1.0) for n in (11, 12)[:good]]
+        strategy.aggregate_train(server_round, replies)
+
+
+def test_too_few_nodes_for_longer_than_the_wait_stops_the_run():
+    from strategies.pmafl import FederationStalled
+
+    strategy = PMAFL(min_available_nodes=4, min_train_nodes=2, node_wait_timeout=0.2)
+    with pytest.raises(FederationStalled, match="3 nodes connected, fewer than min-available-nodes "
+                                                "\\(4\\), for 0.2s \\(node-wait-timeout\\)"):
+        strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))
