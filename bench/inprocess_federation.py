@@ -23,9 +23,17 @@ import torch
 from pmafl.config import RunConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
-from pmafl.fedftg import FedFTGConfig, FedFTGServer, label_counts
+from pmafl.fedftg import label_counts
 from pmafl.objectives import needs_teacher
-from pmafl.task import build_model, client_seed, client_split, eval_split, load_data, prepare_teacher
+from pmafl.task import (
+    build_fedftg,
+    build_model,
+    client_seed,
+    client_split,
+    eval_split,
+    load_data,
+    prepare_teacher,
+)
 from pmafl.train import pmafl_train, warmup_eps
 
 
@@ -60,10 +68,7 @@ def main() -> None:
     test_images, test_labels = eval_split(cfg, data).tensors()
     fedftg = None
     if cfg.server_finetune != "off":
-        fedftg = FedFTGServer(data.num_classes, data.in_channels, data.test.images.shape[-1],
-                              FedFTGConfig(robust=cfg.server_finetune == "fedftg-robust",
-                                           eps=cfg.train.eps, attack=cfg.train.train_attack),
-                              seed=cfg.seed)
+        fedftg = build_fedftg(cfg, data)
         counts = torch.tensor([label_counts(t[1], data.num_classes) for t in clients], dtype=torch.float64)
     times = {"slowest": 0.0, "server": 0.0, "round": 0.0}
     print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")

@@ -30,6 +30,9 @@ class Trigger:
     position: str = "bottom-right"
 
     def __post_init__(self) -> None:
+        if self.target < 0 or self.patch < 1 or not 0 <= self.value <= 1:
+            raise ValueError(f"a trigger needs a target class >= 0, a patch of at least 1 pixel "
+                             f"and a value in [0, 1]; got {self}")
         if self.position not in POSITIONS:
             raise ValueError(f"trigger position must be one of {', '.join(POSITIONS)}, got "
                              f"{self.position!r}")

@@ -268,8 +268,11 @@ class RunConfig:
         cfg = _build(cls, own, where)
         cfg = dataclasses.replace(cfg, train=train)
         if cfg.train.attack_loss == "kl" and not needs_teacher(cfg.train.objective):
-            raise ConfigError(f"{where} key 'attack-loss': 'kl' needs objective 'pmafl' or an "
-                              f"ablation of it, got objective {cfg.train.objective!r}")
+            raise ConfigError(f"{where} key 'attack-loss': 'kl' needs an objective that distils "
+                              f"from the teacher, got objective {cfg.train.objective!r}")
+        if cfg.server_finetune == "fedftg-robust" and cfg.train.eps <= 0:
+            raise ConfigError(f"{where} key 'server-finetune': 'fedftg-robust' attacks within eps, "
+                              "which is 0")
         if cfg.train.kdiga_weight > 0 and not needs_teacher(cfg.train.objective):
             raise ConfigError(f"{where} key 'kdiga-weight': the alignment term needs an objective "
                               f"that distils from the teacher, got objective {cfg.train.objective!r}")

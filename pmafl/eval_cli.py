@@ -128,6 +128,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     report["clean_acc"] = accuracy(model, images, labels)
     trigger = settings.get("trigger")
     if args.backdoor_target is not None:
+        if not 0 <= args.backdoor_target < data.num_classes or args.backdoor_patch < 1:
+            sys.exit(f"pmafl-evaluate: --backdoor-target must be a class in [0, {data.num_classes}) "
+                     f"and --backdoor-patch at least 1; got {args.backdoor_target}, "
+                     f"{args.backdoor_patch}")
         trigger = Trigger(args.backdoor_target, args.backdoor_patch)
     if trigger is not None:
         report["asr"] = attack_success_rate(model, images, labels, trigger)
@@ -140,9 +144,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                              progress=bar.update)
         if name == "autoattack":
             report["autoattack_n"] = len(y)
-            if len(y) < len(labels):  # PGD-20 on the same images: AutoAttack must not exceed it
-                report["autoattack_subset_pgd20_acc"] = accuracy(model, x, y,
-                                                                 make_attack("pgd20", model, eps))
     multiples = [float(m) for m in args.sweep.split(",") if m]
     sweep_n = args.sweep_n or len(labels)
     report["eps_sweep"] = eps_sweep(model, images[:sweep_n], labels[:sweep_n],
@@ -150,6 +151,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     report["sweep_n"] = min(sweep_n, len(labels))
     report["gradient_masking_warnings"] = gradient_masking_warnings(report["eps_sweep"],
                                                                     report["sweep_n"])
+    aa_n = report.get("autoattack_n", len(labels))
+    if aa_n < len(labels):  # PGD-20 on AutoAttack's own images, the figure to compare it with
+        report["autoattack_subset_pgd20_acc"] = accuracy(model, images[:aa_n], labels[:aa_n],
+                                                         make_attack("pgd20", model, eps))
 
     out = args.out or args.model_file.with_name(args.model_file.name + ".robustness.json")
     out.write_text(json.dumps(report, indent=2))

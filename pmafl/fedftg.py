@@ -20,14 +20,19 @@ speaks for the classes it holds. Plain PyTorch; the Flower wrapper is `strategie
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmafl.attacks import FGSMRS, PGD, Attack
+from pmafl.objectives import training_attack
+
+if TYPE_CHECKING:
+    from pmafl.config import TrainConfig
 
 VARIANTS = ("fedftg", "fedftg-robust")
 # The train-config flag that asks clients for their label counts, and the reply metric holding them.
@@ -48,9 +53,9 @@ class FedFTGConfig:
     (50); generator_lr: Adam (0.01); global_lr: SGD without momentum (0.1); lr_decay: both learning
     rates are multiplied by lr_decay ** (round - 1) (0.998); noise_dim: z's size (100);
     lambda_cls, lambda_div: weights of the generator's CE and diversity terms (1, 1).
-    robust: also distil on adversarial versions of the synthetic images, `attack` ("pgd": PGD-10
-    with step eps/4, or "fgsm-rs") within `eps` against the global model; robust_weight: their
-    share of the distillation loss (0.5, as PM-AFL's alpha weighs clean and adversarial KD).
+    robust: also distil on adversarial versions of the synthetic images (the run's training
+    attack against the global model, see `FedFTGServer`); robust_weight: their share of the
+    distillation loss (0.5, as PM-AFL's alpha weighs clean and adversarial KD).
     """
 
     iterations: int = 10
@@ -63,8 +68,6 @@ class FedFTGConfig:
     lambda_cls: float = 1.0
     lambda_div: float = 1.0
     robust: bool = False
-    eps: float = 0.0
-    attack: str = "pgd"
     robust_weight: float = 0.5
 
 
@@ -170,11 +173,10 @@ def robust_distillation_loss(clean_logits: torch.Tensor, adv_logits: torch.Tenso
             + robust_weight * distillation_loss(adv_logits, soft_labels))
 
 
-def server_attack(model: nn.Module, cfg: FedFTGConfig) -> Attack:
-    """The robust variant's attack on the global model, maximising KL to the soft labels."""
-    if cfg.attack == "fgsm-rs":
-        return FGSMRS(model, cfg.eps, loss="kl")
-    return PGD(model, cfg.eps, cfg.eps / 4, 10, loss="kl")
+def _forked_rng() -> contextlib.AbstractContextManager:
+    """The CPU and every CUDA device's random state, restored on exit (`torch.manual_seed` inside
+    reseeds them all)."""
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()))
 
 
 class FedFTGServer:
@@ -185,13 +187,16 @@ class FedFTGServer:
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int,
                  config: FedFTGConfig | None = None, seed: int = 0,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, attack_config: TrainConfig | None = None) -> None:
+        """`attack_config`: the run's training-attack settings (`train-attack`, `eps`, `pgd-steps`,
+        `pgd-step-ratio`), which the robust variant attacks the global model with (at the full
+        eps, also during an eps warm-up), maximising the KL to the ensemble's soft labels."""
         self.cfg = config or FedFTGConfig()
-        if self.cfg.robust and self.cfg.eps <= 0:
-            raise ValueError("the robust FedFTG variant needs eps > 0")
-        self.seed = seed
+        if self.cfg.robust and (attack_config is None or attack_config.eps <= 0):
+            raise ValueError("the robust FedFTG variant needs the run's attack settings, eps > 0")
+        self.seed, self.attack_config = seed, attack_config
         self.device = device or torch.device("cpu")
-        with torch.random.fork_rng(devices=[]):
+        with _forked_rng():
             torch.manual_seed(seed)
             self.generator = ConditionalGenerator(num_classes, in_channels, image_size,
                                                   self.cfg.noise_dim).to(self.device)
@@ -208,15 +213,14 @@ class FedFTGServer:
                  counts: torch.Tensor, server_round: int) -> dict[str, float]:
         """One round of FedFTG on `global_model` (in place) with `client_models` as teachers and
         `counts` [clients, classes] their label counts; returns the mean of each loss term."""
-        device = self.device
         if len(client_models) != len(counts) or not client_models:
             raise ValueError(f"FedFTG needs one label-count row per client model, got "
                              f"{len(client_models)} models and {len(counts)} rows")
         # Noise, labels and attack starts come from an RNG seeded by (seed, round), forked so that
         # the caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        with _forked_rng():
             torch.manual_seed(self.seed * 1_000_003 + server_round)
-            return self._finetune(global_model, client_models, counts.to(device), server_round)
+            return self._finetune(global_model, client_models, counts.to(self.device), server_round)
 
     def _finetune(self, global_model: nn.Module, client_models: list[nn.Module],
                   counts: torch.Tensor, server_round: int) -> dict[str, float]:
@@ -231,7 +235,7 @@ class FedFTGServer:
         for model in client_models:
             model.eval().requires_grad_(False)
         global_model.eval()
-        attack = server_attack(global_model, cfg) if cfg.robust else None
+        attack = training_attack(global_model, self.attack_config, loss="kl") if cfg.robust else None
         sums: dict[str, float] = defaultdict(float)
         self.generator.train()
         for _ in range(cfg.iterations):

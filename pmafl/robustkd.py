@@ -1,21 +1,19 @@
 """RobustKD (Chen et al., "RobustKD: Robust Knowledge Distillation Based on Feature Variance Against
 Backdoored Teacher Model", Applied Soft Computing 2024, arXiv 2406.03409): vetting a teacher that
-may carry a backdoor, and detoxifying its features.
+may carry a backdoor, and detoxifying its features. Work in progress (see docs/robustkd.md): the
+pieces below are unit-tested; the federation does not use them yet.
 
-Detection, the step the public code leaves out, is a Neural Cleanse (Wang et al. 2019) in feature
-space (`reverse_engineer`): at the teacher's last feature stage, for every candidate target class
-t, find the smallest channel mask M in [0, 1]^C and values P (within each channel's range on
-clean data) such that (1 - M) * F + M * P sends clean images to t. A backdoor is a shortcut: its
-target needs far fewer channels than any other class, so its |M|_1 is an outlier (MAD anomaly
-index above 2, on the small side). Why this design: it needs only clean data and the teacher, it
-works on the features that distillation transfers, and with the features of a few hundred clean
-images computed once, each candidate costs a few hundred steps through the teacher's head only.
+Detection, the step the public code leaves out, is being designed as a Neural Cleanse (Wang et
+al. 2019, `reverse_engineer_trigger`): for every candidate target class, the smallest input mask
+and pattern that send clean images there; a backdoor's target needs far fewer pixels than any
+other class, an outlier by the MAD anomaly index (`anomaly_index`). `vet` then finds the
+channels of the last feature stage that the reverse-engineered trigger excites most.
 
-Detoxification (`DetoxifiedTeacher`): F <- (1 - M) * F + M * P with M the flagged target's mask
-(channels above 0.5) and P each masked channel's mean on clean data, a benign replacement: the
-teacher's features, and with them its logits, no longer carry the shortcut. `pmafl-teacher vet`
-writes M and P beside the teacher (`<teacher>.detox.pt`), and the teacher's record holds that
-file's sha256, so that every node uses the same detoxified teacher.
+Detoxification (`DetoxifiedTeacher`): F <- (1 - M) * F + M * P at that stage, M the flagged
+channels and P their mean on clean data, a benign replacement: the teacher's features, and with
+them its logits, no longer carry the shortcut. The distillation pieces are Heo et al.'s margin
+(`activation_margin`) and partial L2 (`partial_l2`), and salt-and-pepper noise on the student's
+inputs (`salt_and_pepper`).
 """
 
 from __future__ import annotations
@@ -141,13 +139,14 @@ def reverse_engineer_trigger(teacher: nn.Module, images: torch.Tensor, target: i
     and of BackdoorBench). Returns (|m|_1 of the best mask, or H*W when none reached the rate;
     mask; pattern)."""
     generator = torch.Generator().manual_seed(seed * 1009 + target)
-    shape = images.shape[1:]
-    theta = (torch.randn(shape[1:], generator=generator) * 0.1).requires_grad_(True)
-    phi = (torch.randn(shape, generator=generator) * 0.1).requires_grad_(True)
+    shape, device = images.shape[1:], images.device
+    theta = (torch.randn(shape[1:], generator=generator) * 0.1).to(device).requires_grad_(True)
+    phi = (torch.randn(shape, generator=generator) * 0.1).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([theta, phi], lr=lr, betas=(0.5, 0.9))
-    labels = torch.full((len(images),), target)
+    labels = torch.full((len(images),), target, device=device)
     lam, up, down = 1e-3, 0, 0
-    best = (float(shape[1] * shape[2]), torch.zeros(shape[1:]), torch.zeros(shape))
+    best = (float(shape[1] * shape[2]), torch.zeros(shape[1:], device=device),
+            torch.zeros(shape, device=device))
     for _ in range(steps):
         mask, pattern = torch.tanh(theta) / 2 + 0.5, torch.tanh(phi) / 2 + 0.5
         logits = teacher((1 - mask) * images + mask * pattern)
@@ -182,7 +181,7 @@ def detox_channels(teacher: nn.Module, stage: str, images: torch.Tensor, trigger
         pattern = clean_c.mean(dim=1)
         gap = (bad_c.mean(dim=1) - pattern) / (clean_c.std(dim=1) + 1e-6)
         head = _head(teacher, stage)
-        mask = torch.zeros(len(pattern))
+        mask = torch.zeros_like(pattern)
         for channel in gap.argsort(descending=True)[:max(1, int(max_fraction * len(pattern)))]:
             if (head(detoxify(bad, mask, pattern)).argmax(1) == target).float().mean() < residual:
                 break
@@ -194,7 +193,7 @@ def vet(teacher: nn.Module, model_name: str, images: torch.Tensor, steps: int = 
         seed: int = 0) -> VetResult:
     """Vet a teacher on clean `images` (a few hundred): Neural Cleanse for every class, the
     outlier test, and, when a class stands out, the feature detoxification against its trigger."""
-    teacher = teacher.eval().requires_grad_(False)
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)  # the caller's is left as it was
     stage = feature_stages(model_name)[-1]
     with torch.no_grad():
         num_classes = teacher(images[:1]).shape[1]
@@ -202,8 +201,8 @@ def vet(teacher: nn.Module, model_name: str, images: torch.Tensor, steps: int = 
     norms = [norm for norm, _, _ in found]
     index, target = anomaly_index(norms)
     _, trigger_mask, trigger_pattern = found[target]
-    channels = benign_pattern(teacher, stage, images).shape[0]
-    mask, pattern = torch.zeros(channels), benign_pattern(teacher, stage, images)
+    pattern = benign_pattern(teacher, stage, images)
+    mask = torch.zeros_like(pattern)
     if index > ANOMALY_THRESHOLD:
         triggered = (1 - trigger_mask) * images + trigger_mask * trigger_pattern
         mask, pattern = detox_channels(teacher, stage, images, triggered, target)

@@ -22,6 +22,7 @@ from pmafl.data import (
     local_test_indices,
     partition_indices,
 )
+from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
 from pmafl.teacher import TeacherError, ensure_teacher, load_teacher, teacher_path
 
@@ -83,7 +84,19 @@ def backdoor_trigger(cfg: RunConfig, data: FederatedData | None = None) -> Trigg
     if data is not None and cfg.backdoor_target >= data.num_classes:
         raise ConfigError(f"run config key 'backdoor-target': expected a class in [0, "
                           f"{data.num_classes}), got {cfg.backdoor_target}")
+    if data is not None and cfg.backdoor_patch > min(data.test.images.shape[-2:]):
+        raise ConfigError(f"run config key 'backdoor-patch': expected at most the image side "
+                          f"{min(data.test.images.shape[-2:])}, got {cfg.backdoor_patch}")
     return Trigger(cfg.backdoor_target, cfg.backdoor_patch, cfg.backdoor_value, cfg.backdoor_position)
+
+
+def build_fedftg(cfg: RunConfig, data: FederatedData, device: torch.device | None = None
+                 ) -> FedFTGServer:
+    """The server side of FedFTG for `server-finetune` (its generator seeded by the run's seed;
+    the robust variant attacks with the run's training attack)."""
+    return FedFTGServer(data.num_classes, data.in_channels, data.test.images.shape[-1],
+                        FedFTGConfig(robust=cfg.server_finetune == "fedftg-robust"),
+                        seed=cfg.seed, device=device, attack_config=cfg.train)
 
 
 def teacher_settings(cfg: RunConfig) -> dict:

@@ -19,11 +19,17 @@ from pmafl.backdoor import Trigger, attack_success_rate
 from pmafl.config import RunConfig
 from pmafl.data import Split
 from pmafl.evaluate import catastrophic_overfitting, evaluate
-from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.objectives import needs_teacher
-from pmafl.results import load_checkpoint, new_results_folder, save_checkpoint, write_results
+from pmafl.results import (
+    CheckpointError,
+    load_checkpoint,
+    new_results_folder,
+    save_checkpoint,
+    write_results,
+)
 from pmafl.task import (
     backdoor_trigger,
+    build_fedftg,
     build_model,
     client_seed,
     eval_split,
@@ -129,13 +135,15 @@ def main(grid: Grid, context: Context) -> None:
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
 
+    if cfg.resume_from and "pmafl" in checkpoint["server_state"]:
+        strategy.load_state_dict(checkpoint["server_state"]["pmafl"])
     fedftg = None
     if cfg.server_finetune != "off":
-        server = FedFTGServer(data.num_classes, data.in_channels, data.test.images.shape[-1],
-                              FedFTGConfig(robust=cfg.server_finetune == "fedftg-robust",
-                                           eps=cfg.train.eps, attack=cfg.train.train_attack),
-                              seed=cfg.seed, device=device)
+        server = build_fedftg(cfg, data, device)
         if cfg.resume_from:
+            if "fedftg" not in checkpoint["server_state"]:
+                raise CheckpointError(f"run config key 'resume-from': the checkpoint in {folder} "
+                                      "holds no FedFTG generator state")
             server.load_state_dict(checkpoint["server_state"]["fedftg"])
         fedftg = FedFTG(strategy, lambda: build_model(cfg, data), server, data.num_classes)
 
@@ -147,8 +155,11 @@ def main(grid: Grid, context: Context) -> None:
         if warning:
             log(WARNING, "round %d: %s", server_round, warning)
             rows[-1]["warning"] = warning
+        server_state = {"pmafl": strategy.state_dict()}
+        if fedftg:
+            server_state["fedftg"] = fedftg.server.state_dict()
         save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict(),
-                        {"fedftg": fedftg.server.state_dict()} if fedftg else None)
+                        server_state)
 
     result = (fedftg or strategy).start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,

@@ -4,6 +4,7 @@ fine-tunes the aggregate by data-free distillation from the round's client model
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -44,11 +45,13 @@ class FedFTG(Strategy):
     return as a list metric of that name. The wrapper takes that metric out of every reply, hands
     the replies to the base strategy to aggregate, and then fine-tunes the aggregate on the
     server with the round's client models as teachers (`FedFTGServer.finetune`). A reply enters
-    that ensemble only if it is fit to average and its label counts have one entry per class and
-    add up to its `num-examples`; every other reply is logged with its node id and the reason
-    (and kept in `left_out`), whatever the base strategy makes of it. With no member the round's
-    aggregate is returned as it is. The round's metrics gain `fedftg-loss-md`, `-loss-cls`,
-    `-loss-div`, `-loss-kd`, `fedftg-clients` and `fedftg-seconds` (the server's fine-tuning time).
+    that ensemble only if the base strategy averaged it (`PMAFL.aggregated`; for a base without
+    screening, every reply fit to average) and its label counts have one entry per class and add
+    up to its `num-examples`; every other averaged reply is logged with its node id and the reason
+    (and kept in `left_out`). With no member the round's aggregate is returned as it is. The
+    round's metrics gain `fedftg-loss-md`, `-loss-cls`, `-loss-div`, `-loss-kd`, `fedftg-clients`
+    and `fedftg-seconds` (the server's fine-tuning time: the one figure that differs between two
+    runs with one seed).
 
     Parameters
     ----------
@@ -69,6 +72,7 @@ class FedFTG(Strategy):
         self.num_classes = num_classes
         self.left_out: dict[int, list[dict[str, Any]]] = {}
         self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._template: nn.Module | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedFTG server fine-tuning after aggregation:")
@@ -87,10 +91,12 @@ class FedFTG(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The base strategy's aggregate, fine-tuned by FedFTG on the valid replies' models."""
         replies = list(replies)
-        members = self._ensemble(server_round, replies)
+        # Taken out first, so that the base strategy aggregates only what it knows.
+        counts = {id(msg): _pop_label_counts(msg) for msg in replies if not msg.has_error()}
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
+        members = self._ensemble(server_round, replies, counts)
         if not members:
             log(WARNING, "round %d FedFTG: no client model for the ensemble; the aggregate is "
                 "not fine-tuned", server_round)
@@ -130,34 +136,42 @@ class FedFTG(Strategy):
                           evaluate_config, evaluate_fn, start_round, on_round_end)
 
     def _model(self, arrays: ArrayRecord, device: torch.device) -> nn.Module:
-        model = self.model_fn()
+        if self._template is None:
+            self._template = self.model_fn()
+        model = copy.deepcopy(self._template)
         model.load_state_dict(arrays.to_torch_state_dict())
         return model.to(device)
 
-    def _ensemble(self, server_round: int, replies: list[Message]
+    def _ensemble(self, server_round: int, replies: list[Message], counts: dict[int, Any]
                   ) -> list[tuple[ArrayRecord, list[int]]]:
-        """(arrays, label counts) of every reply fit for the ensemble; the label-count metric is
-        taken out of every reply, so that the base strategy aggregates only what it knows."""
+        """(arrays, label counts) of every reply the base strategy averaged (PMAFL's screened
+        replies; for a base without screening, such as FedAvg, every reply fit to average) whose
+        label counts are valid, in an order fixed by content (as the base's average is): reruns
+        fine-tune bit-identically."""
         weighted_by_key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        if hasattr(self.strategy, "aggregated"):
+            averaged = self.strategy.aggregated
+        else:
+            averaged = [msg for msg in replies if not msg.has_error()
+                        and reply_problem(msg.content, self._sent_arrays, weighted_by_key) is None]
         found: dict[int, list[int]] = {}
         contents = []
-        for msg in replies:
-            if msg.has_error():
-                continue  # the base strategy reports it
-            node = msg.metadata.src_node_id
-            metric_records = list(msg.content.metric_records.values())
-            counts = metric_records[0].pop(LABEL_COUNTS, None) if len(metric_records) == 1 else None
-            problem = reply_problem(msg.content, self._sent_arrays, weighted_by_key)
-            if problem is None:
-                problem = label_counts_problem(counts, self.num_classes,
-                                               metric_records[0][weighted_by_key])
+        for msg in averaged:
+            num_examples = next(iter(msg.content.metric_records.values()))[weighted_by_key]
+            problem = label_counts_problem(counts[id(msg)], self.num_classes, num_examples)
             if problem:
+                node = msg.metadata.src_node_id
                 log(WARNING, "round %d FedFTG: node %d left out of the ensemble: %s",
                     server_round, node, problem)
                 self.left_out.setdefault(server_round, []).append(
                     {"stage": "fedftg", "node": node, "reason": problem})
                 continue
-            found[id(msg.content)] = [int(c) for c in counts]
+            found[id(msg.content)] = [int(c) for c in counts[id(msg)]]
             contents.append(msg.content)
-        # In an order fixed by content, as the base's average is: reruns fine-tune bit-identically.
         return [(next(iter(c.array_records.values())), found[id(c)]) for c in canonical_order(contents)]
+
+
+def _pop_label_counts(msg: Message) -> Any:
+    """The reply's label-count metric, removed from it (None when absent)."""
+    records = list(msg.content.metric_records.values())
+    return records[0].pop(LABEL_COUNTS, None) if len(records) == 1 else None

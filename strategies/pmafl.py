@@ -85,12 +85,22 @@ class PMAFL(FedAvg):
         self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
         self._claims: dict[tuple[str, int], tuple[int, int]] = {}
+        self.aggregated: list[Message] = []  # the train replies the last round averaged
 
     def summary(self) -> None:
         log(INFO, "\t├──> PM-AFL local training (broadcast each round):")
         for key, value in self.train_config.to_record().items():
             log(INFO, "\t│\t├── %s: %s", key, value)
         super().summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What screening remembers across rounds (each node's first `num-examples` claim), for a
+        checkpoint: a resumed run screens replies as an uninterrupted one."""
+        return {"claims": [[stage, node, claim, first] for (stage, node), (claim, first)
+                           in sorted(self._claims.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._claims = {(stage, node): (claim, first) for stage, node, claim, first in state["claims"]}
 
     def round_eps(self, server_round: int) -> float:
         """The training radius of a round, after the warm-up ramp."""
@@ -112,6 +122,7 @@ class PMAFL(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean of the valid replies' arrays and metrics."""
         valid = self._screen(server_round, "train", replies, self._sent_arrays)
+        self.aggregated = []
         if len(valid) < self.min_train_nodes:
             self._idle_rounds += 1
             log(WARNING, "round %d: %d valid train replies, fewer than min-train-nodes (%d); the "
@@ -125,6 +136,7 @@ class PMAFL(FedAvg):
                     f"{self.failures.get(server_round, [])}")
             return None, None
         self._idle_rounds = 0
+        self.aggregated = valid
         contents = canonical_order([msg.content for msg in valid])
         arrays = weighted_mean([next(iter(c.array_records.values())) for c in contents],
                                [next(iter(c.metric_records.values()))[self.weighted_by_key]

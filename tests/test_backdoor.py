@@ -24,6 +24,8 @@ def test_trigger_stamps_exactly_its_square():
         Trigger(patch=6).stamp(images)
     with pytest.raises(ValueError, match="position must be one of"):
         Trigger(position="middle")
+    with pytest.raises(ValueError, match="a patch of at least 1 pixel"):
+        Trigger(patch=0)
 
 
 def test_poison_relabels_the_given_share_of_non_target_images():
@@ -86,7 +88,10 @@ def test_a_backdoored_teacher_is_its_own_cache_entry_and_carries_the_backdoor(tm
     assert report["trigger"]["patch"] == 2 and report["asr"] > 0.8
 
 
-def test_a_target_class_out_of_range_is_refused_by_name():
+def test_a_target_class_or_patch_out_of_range_is_refused_by_name():
     cfg = RunConfig.from_mapping({"backdoor-rate": 0.1, "backdoor-target": 10})
     with pytest.raises(ConfigError, match="key 'backdoor-target': expected a class in \\[0, 10\\)"):
+        backdoor_trigger(cfg, load_data(cfg))
+    cfg = RunConfig.from_mapping({"backdoor-rate": 0.1, "backdoor-patch": 9})
+    with pytest.raises(ConfigError, match="key 'backdoor-patch': expected at most the image side 8"):
         backdoor_trigger(cfg, load_data(cfg))

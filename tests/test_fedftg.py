@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pmafl.config import ConfigError, RunConfig, TrainConfig
 from pmafl.fedftg import (
     ConditionalGenerator,
     FedFTGConfig,
@@ -156,12 +157,15 @@ def test_robust_variant_distils_on_adversarial_images_too():
     clients = _models(2, 0)
     [plain], [robust] = _models(1, 1), _models(1, 1)
     FedFTGServer(3, 1, 8, CFG, seed=0).finetune(plain, clients, COUNTS, 1)
-    losses = FedFTGServer(3, 1, 8, FedFTGConfig(**{**vars(CFG), "robust": True, "eps": 0.1}),
-                          seed=0).finetune(robust, clients, COUNTS, 1)
+    attack = TrainConfig(eps=0.1, train_attack="fgsm-rs")
+    losses = FedFTGServer(3, 1, 8, FedFTGConfig(**{**vars(CFG), "robust": True}), seed=0,
+                          attack_config=attack).finetune(robust, clients, COUNTS, 1)
     assert math.isfinite(losses["loss-kd"])
     assert not torch.equal(plain.state_dict()["net.0.weight"], robust.state_dict()["net.0.weight"])
-    with pytest.raises(ValueError, match="needs eps > 0"):
+    with pytest.raises(ValueError, match="needs the run's attack settings, eps > 0"):
         FedFTGServer(3, 1, 8, FedFTGConfig(robust=True))
+    with pytest.raises(ConfigError, match="key 'server-finetune': 'fedftg-robust' attacks within eps"):
+        RunConfig.from_mapping({"server-finetune": "fedftg-robust", "eps": 0.0})
 
 
 def test_finetune_needs_one_count_row_per_model():

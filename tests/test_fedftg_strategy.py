@@ -111,3 +111,14 @@ def test_label_counts_problem():
     assert "non-negative integers" in label_counts_problem([1, -2, 7], 3, 6)
     assert "non-negative integers" in label_counts_problem([1.5, 1.5, 3], 3, 6)
     assert "list of 3" in label_counts_problem(5, 3, 5)
+
+
+def test_replies_pmafl_leaves_out_stay_out_of_the_ensemble():
+    """A node that replies twice, or claims more examples than before, is not averaged by PMAFL,
+    and so must not teach the global model either."""
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2))
+    replies = replies_to(strategy, GOOD)
+    replies.append(replies_to(strategy, GOOD)[2])  # node 13 again, from a second configure
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert "replied 2 times" in {f["node"]: f["reason"] for f in strategy.strategy.failures[1]}[13]
+    assert metrics["fedftg-clients"] == 2

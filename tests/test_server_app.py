@@ -154,10 +154,20 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
 
 
 def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
+    from pmafl.backdoor import attack_success_rate
     from pmafl.results import summary
+    from pmafl.task import backdoor_trigger, eval_split
 
     folder, results = run_federation(tmp_path, **{"backdoor-rate": 0.1, "num-server-rounds": 1})
     assert all(0 <= r["asr"] <= 1 for r in results["rounds"])
     assert "backdoor_asr" in summary(folder)
+    # The last row's ASR is the final model's, computed independently on the evaluation images.
+    cfg = RunConfig.from_mapping(results["config"])
+    data = load_data(cfg)
+    model = build_model(cfg, data)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    images, labels = eval_split(cfg, data).tensors()
+    assert results["rounds"][-1]["asr"] == attack_success_rate(model, images, labels,
+                                                               backdoor_trigger(cfg, data))
     _, clean = run_federation(tmp_path / "clean", **{"num-server-rounds": 1})
     assert all("asr" not in r for r in clean["rounds"])
