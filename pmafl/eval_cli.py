@@ -119,7 +119,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # A teacher normalises as its record says, not as this machine's data would.
     mean, std = settings.get("mean") or data.mean, settings.get("std") or data.std
     model = create_model(settings["model"], data.num_classes, data.in_channels, mean, std)
-    model.load_state_dict(torch.load(args.model_file, map_location="cpu", weights_only=True))
+    try:  # weights_only: a file that pickles code is refused, never run
+        model.load_state_dict(torch.load(args.model_file, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        sys.exit(f"pmafl-evaluate: {args.model_file} is not a state dict of {settings['model']!r} "
+                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     model.eval()
     eps = float(settings["eps"])
 

@@ -109,8 +109,14 @@ def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
                            f"the dataset has {num_classes}")
     model = create_model(meta["model"], num_classes, meta["in_channels"], meta["mean"], meta["std"])
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (RuntimeError, KeyError) as e:
+        # weights_only: a file that pickles code (a callable, any object) is refused, never run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unsafe or unreadable file gets the same answer
+        raise TeacherError(f"teacher file {path} is not a plain state dict (tensors only): "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise TeacherError(f"teacher file {path} does not fit architecture {meta['model']!r}: {e}") from e
     return model.to(device).eval().requires_grad_(False), sha256
 

@@ -117,3 +117,12 @@ def test_evaluate_reports_fgsm_and_pgd_with_step_eps_over_4():
     scores = evaluate(Fixed(), images, labels, eps=0.1, steps=20)
     assert scores["fgsm_acc"] == pytest.approx(0.5) and scores["pgd_acc"] == pytest.approx(0.5)
     assert eval_pgd(Fixed(), 0.1).step == pytest.approx(0.025)
+
+
+def test_cli_refuses_a_truncated_or_code_carrying_model_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("cnn-small", 10, 1, [0.3], [0.4]).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(SystemExit, match="model.pt is not a state dict of 'cnn-small'"):
+        run([str(path), "--model", "cnn-small", "--dataset", "digits", "--eps", "0.2"])

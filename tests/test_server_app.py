@@ -171,3 +171,17 @@ def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
                                                                backdoor_trigger(cfg, data))
     _, clean = run_federation(tmp_path / "clean", **{"num-server-rounds": 1})
     assert all("asr" not in r for r in clean["rounds"])
+
+
+def test_a_checkpoint_that_pickles_code_is_refused(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"round": 1, "model": {}, "rounds": "[]", "config": "{}", "x": Payload()},
+               tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        load_checkpoint(tmp_path, RunConfig().to_dict())
+    assert not (tmp_path / "ran").exists()

@@ -167,3 +167,37 @@ def test_seed_command_refuses_bad_files_with_the_reason(tmp_path, capsys):
     assert main(["seed", str(source), "--cache-dir", str(tmp_path / "other")]) == 1
     assert "does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+class Payload:
+    """Pickles as a call of `os.system`: what a malicious teacher file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_teacher_file_that_pickles_code_is_refused_without_running_it(tmp_path):
+    from pmafl.teacher import write_record
+
+    model, path, _ = saved_teacher(tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({**model.state_dict(), "evil": Payload(marker)}, path)
+    write_record(path, META)  # a record that matches the file: only the loader stands in the way
+    with pytest.raises(TeacherError, match="is not a plain state dict"):
+        load_teacher(path, 10)
+    assert not marker.exists()
+
+
+def test_a_truncated_teacher_with_a_matching_record_is_refused_by_name(tmp_path):
+    from pmafl.teacher import write_record
+
+    _, path, _ = saved_teacher(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    write_record(path, META)
+    with pytest.raises(TeacherError, match=f"teacher file {path} is not a plain state dict"):
+        load_teacher(path, 10)
