@@ -28,6 +28,7 @@ from pmafl.models import is_known_model, model_names
 from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 DEVICES = ("auto", "cpu", "cuda")
 
 # The protocol of each dataset: what a key set to "auto" (its default) means there.
@@ -189,6 +190,15 @@ class RunConfig:
                                       "evaluation.", low=0, high=1, low_open=True)
     round_timeout: float = option(600.0, "Seconds the server waits for replies in a round.",
                                   low=0, low_open=True)
+    aggregation: str = option("mean", "How the server aggregates the updates: `mean` (FedAvg, "
+                              "example-weighted), `trimmed-mean` or `median` (coordinate-wise, "
+                              "unweighted; robust to a minority of malicious updates).",
+                              choices=AGGREGATIONS)
+    trim_fraction: float = option(0.2, "Share of the updates `trimmed-mean` cuts from each end, per "
+                                  "coordinate.", low=0, high=0.49)
+    clip_factor: float = option(0.0, "Norm-bounded updates: scale each client's update down to at "
+                                "most this many times the round's median update norm (0: off).",
+                                low=0)
     node_wait_timeout: float = option(3600.0, "Seconds the server waits for `min-available-nodes` "
                                       "connected nodes before a round; then the run stops with "
                                       "an error (its checkpoint intact).", low=0, low_open=True)

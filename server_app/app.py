@@ -131,6 +131,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = PMAFL(train_config=cfg.train, evaluate_every=cfg.federated_eval_every,
                      eps_warmup_rounds=cfg.eps_warmup_rounds,
                      fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                     aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                     clip_factor=cfg.clip_factor,
                      node_wait_timeout=cfg.node_wait_timeout, max_idle_rounds=cfg.max_idle_rounds,
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)

@@ -14,16 +14,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
-from pmafl.config import TrainConfig
+from pmafl.config import AGGREGATIONS, TrainConfig
 from pmafl.train import warmup_eps
 from strategies.strategy_utils import (
     array_specs,
     canonical_order,
+    clip_updates,
     error_summary,
     expected_metric_keys,
     reply_problem,
+    robust_aggregate,
     run_rounds,
-    weighted_mean,
     worst_client,
 )
 
@@ -60,6 +61,14 @@ class PMAFL(FedAvg):
         Federated evaluation (each sampled node on its local test split) every this many rounds
         and in the last round; 0 turns it off, as does fraction_evaluate=0. Its metrics are the
         weighted mean over nodes plus `worst-<key>` for every accuracy.
+    aggregation : str (default: "mean")
+        `mean` (FedAvg, example-weighted), `trimmed-mean` or `median` (coordinate-wise,
+        unweighted: robust to a minority of arbitrary updates).
+    trim_fraction : float (default: 0.2)
+        Share cut from each end by `trimmed-mean`.
+    clip_factor : float (default: 0)
+        Norm-bounded updates: each client's delta from the global model is scaled down to at most
+        this many times the round's median delta norm before aggregation; 0 turns it off.
     node_wait_timeout : float (default: 3600)
         Seconds to wait for `min_available_nodes` connected nodes before a round, then stop.
     max_idle_rounds : int (default: 3)
@@ -72,9 +81,14 @@ class PMAFL(FedAvg):
     """
 
     def __init__(self, train_config: TrainConfig | None = None, evaluate_every: int = 1,
-                 eps_warmup_rounds: int = 0, node_wait_timeout: float = 3600.0,
+                 eps_warmup_rounds: int = 0, aggregation: str = "mean", trim_fraction: float = 0.2,
+                 clip_factor: float = 0.0, node_wait_timeout: float = 3600.0,
                  max_idle_rounds: int = 3, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        self.aggregation, self.trim_fraction, self.clip_factor = aggregation, trim_fraction, clip_factor
+        self._sent_global = ArrayRecord()
         self.train_config = train_config or TrainConfig()
         self.evaluate_every = evaluate_every
         self.eps_warmup_rounds = eps_warmup_rounds
@@ -114,13 +128,14 @@ class PMAFL(FedAvg):
                                **config})
         self._wait_for_nodes(server_round, grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent_arrays = array_specs(arrays)
+        self._sent_arrays, self._sent_global = array_specs(arrays), arrays
         self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted mean of the valid replies' arrays and metrics."""
+        """The valid replies' aggregate (weighted mean, or the robust `aggregation`, after optional
+        norm clipping) and their metrics' weighted mean."""
         valid = self._screen(server_round, "train", replies, self._sent_arrays)
         self.aggregated = []
         if len(valid) < self.min_train_nodes:
@@ -138,9 +153,14 @@ class PMAFL(FedAvg):
         self._idle_rounds = 0
         self.aggregated = valid
         contents = canonical_order([msg.content for msg in valid])
-        arrays = weighted_mean([next(iter(c.array_records.values())) for c in contents],
-                               [next(iter(c.metric_records.values()))[self.weighted_by_key]
-                                for c in contents])
+        records = [next(iter(c.array_records.values())) for c in contents]
+        if self.clip_factor > 0:
+            records, clipped = clip_updates(records, self._sent_global, self.clip_factor)
+            if clipped:
+                log(INFO, "round %d: %d of %d updates clipped to %g x the median update norm",
+                    server_round, clipped, len(records), self.clip_factor)
+        arrays = robust_aggregate(records, [next(iter(c.metric_records.values()))[self.weighted_by_key]
+                                            for c in contents], self.aggregation, self.trim_fraction)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -14,7 +14,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore import log
+
+from pmafl.config import AGGREGATIONS
 
 
 def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -80,6 +83,57 @@ def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayReco
         dtype = first.numpy().dtype
         mean[key] = Array(np.asarray(acc.round() if dtype.kind in "iub" else acc, dtype=dtype))
     return ArrayRecord(mean)
+
+
+def coordinate_wise(records: list[ArrayRecord], reduce: Callable[[np.ndarray], np.ndarray]
+                    ) -> ArrayRecord:
+    """`reduce` over the stacked client arrays (axis 0), key by key, in float64, cast back to each
+    array's dtype (integers rounded): the coordinate-wise trimmed mean or median."""
+    out = {}
+    for key, first in records[0].items():
+        stacked = np.stack([record[key].numpy().astype(np.float64) for record in records])
+        value = reduce(stacked)
+        dtype = first.numpy().dtype
+        out[key] = Array(np.asarray(value.round() if dtype.kind in "iub" else value, dtype=dtype))
+    return ArrayRecord(out)
+
+
+def robust_aggregate(records: list[ArrayRecord], weights: list[float], method: str,
+                     trim_fraction: float = 0.2) -> ArrayRecord:
+    """The round's aggregate: `mean` (FedAvg, example-weighted), or the unweighted coordinate-wise
+    `trimmed-mean` (`trim_fraction` cut from each end, Flower's `FedTrimmedAvg` logic) or
+    `median` (Flower's `FedMedian`): a few arbitrary updates cannot move those far."""
+    if method == "mean":
+        return weighted_mean(records, weights)
+    if method == "trimmed-mean":
+        return coordinate_wise(records, lambda stacked: trim_mean(stacked, trim_fraction))
+    if method == "median":
+        return coordinate_wise(records, lambda stacked: np.median(stacked, axis=0))
+    raise ValueError(f"unknown aggregation {method!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def clip_updates(records: list[ArrayRecord], sent: ArrayRecord, factor: float
+                 ) -> tuple[list[ArrayRecord], int]:
+    """Norm-bounded updates: each client's delta from the global model it was sent, scaled down
+    to at most `factor` times the median delta norm of the round (float arrays only; integer
+    buffers pass unchanged). Returns the records and how many were clipped."""
+    keys = [k for k, a in sent.items() if a.numpy().dtype.kind == "f"]
+    base = {k: sent[k].numpy().astype(np.float64) for k in keys}
+    deltas = [{k: r[k].numpy().astype(np.float64) - base[k] for k in keys} for r in records]
+    norms = [math.sqrt(sum(float((d**2).sum()) for d in delta.values())) for delta in deltas]
+    bound = factor * float(np.median(norms))
+    out, clipped = [], 0
+    for record, delta, norm in zip(records, deltas, norms, strict=True):
+        if norm <= bound or norm == 0:
+            out.append(record)
+            continue
+        clipped += 1
+        scale = bound / norm
+        arrays = {k: record[k] for k in record.keys()}
+        for k in keys:
+            arrays[k] = Array(np.asarray(base[k] + scale * delta[k], dtype=record[k].numpy().dtype))
+        out.append(ArrayRecord(arrays))
+    return out, clipped
 
 
 def canonical_order(contents: list[RecordDict]) -> list[RecordDict]:

@@ -295,3 +295,52 @@ def test_too_few_nodes_for_longer_than_the_wait_stops_the_run():
     with pytest.raises(FederationStalled, match="3 nodes connected, fewer than min-available-nodes "
                                                 "\\(4\\), for 0.2s \\(node-wait-timeout\\)"):
         strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))
+
+
+def _record(values):
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+
+
+def test_trimmed_mean_and_median_are_coordinate_wise_and_unweighted():
+    from strategies.strategy_utils import robust_aggregate
+
+    w = [np.array([1.0, 10.0], np.float32), np.array([2.0, 20.0], np.float32),
+         np.array([3.0, 30.0], np.float32), np.array([4.0, 40.0], np.float32),
+         np.array([1000.0, -1000.0], np.float32)]
+    records = [_record({"w": v, "n": np.array(i, np.int64)}) for i, v in enumerate(w)]
+    weights = [1, 1, 1, 1, 100]
+    median = robust_aggregate(records, weights, "median")
+    assert median["w"].numpy().tolist() == [3.0, 20.0] and median["n"].numpy() == 2
+    trimmed = robust_aggregate(records, weights, "trimmed-mean", trim_fraction=0.2)
+    # One of five cut from each end, per coordinate: [2, 3, 4] and [10, 20, 30].
+    assert trimmed["w"].numpy().tolist() == pytest.approx([3.0, 20.0])
+    assert trimmed["w"].numpy().dtype == np.float32
+    mean = robust_aggregate(records, weights, "mean")
+    assert mean["w"].numpy()[0] == pytest.approx((1 + 2 + 3 + 4 + 100 * 1000) / 104)
+
+
+def test_clipping_bounds_each_update_by_the_median_norm():
+    from strategies.strategy_utils import clip_updates
+
+    sent = _record({"w": np.zeros(2, np.float32), "n": np.array(0, np.int64)})
+    updates = [np.array([3.0, 4.0]), np.array([0.0, 1.0]), np.array([0.0, 2.0]), np.array([300.0, 400.0])]
+    records = [_record({"w": u.astype(np.float32), "n": np.array(7, np.int64)}) for u in updates]
+    clipped, count = clip_updates(records, sent, factor=2.0)
+    # norms 5, 1, 2, 500: median 3.5, bound 7: only the last is scaled, to norm 7
+    assert count == 1
+    assert clipped[3]["w"].numpy().tolist() == pytest.approx([300 * 7 / 500, 400 * 7 / 500])
+    assert clipped[0] is records[0] and clipped[3]["n"].numpy() == 7
+
+
+def test_a_scaled_malicious_update_cannot_take_over_a_robust_round():
+    good = {"w": np.full((2, 3), 1.0, np.float32), "b": np.full(3, 1.0, np.float32)}
+    evil = {"w": np.full((2, 3), 1e6, np.float32), "b": np.full(3, -1e6, np.float32)}
+    for aggregation, clip in (("median", 0.0), ("trimmed-mean", 0.0), ("mean", 1.0)):
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, aggregation=aggregation,
+                         trim_fraction=0.34, clip_factor=clip)
+        sent = configured(strategy)
+        replies = [reply(sent[11], good, 10), reply(sent[12], good, 10), reply(sent[13], evil, 10)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert np.abs(arrays["w"].numpy()).max() <= 1.0 + 1e-6, aggregation
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        PMAFL(aggregation="krum")
