@@ -8,6 +8,10 @@ fine-tuning time as a ratio to the slowest client's local training and to the wh
 
     python bench/inprocess_federation.py --rounds 30 --set lambda-alg=0.1 --set grad-clip=0
     python bench/inprocess_federation.py --rounds 30 --set server-finetune=fedftg --set dirichlet-alpha=0.1
+    python bench/inprocess_federation.py --malicious 2 --attack scale --set aggregation=median
+
+`--malicious N --attack ...` makes the first N clients malicious, and the server aggregates as
+the `aggregation`, `trim-fraction` and `clip-factor` keys say, with the strategy's own functions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import copy
 import dataclasses
 import time
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 from pmafl.config import RunConfig
 from pmafl.data import make_loader
@@ -35,6 +41,18 @@ from pmafl.task import (
     prepare_teacher,
 )
 from pmafl.train import pmafl_train, warmup_eps
+from strategies.strategy_utils import clip_updates, robust_aggregate
+
+MALICIOUS = ("scale", "sign-flip", "label-flip")
+
+
+def malicious_update(record: ArrayRecord, sent: ArrayRecord, factor: float) -> ArrayRecord:
+    """The update g + factor * (w - g): x100 boosts it (model replacement), -1 flips its sign."""
+    out = {}
+    for key in record.keys():
+        w, g = record[key].numpy(), sent[key].numpy()
+        out[key] = Array(np.asarray(g + factor * (w - g), dtype=w.dtype) if w.dtype.kind == "f" else w)
+    return ArrayRecord(out)
 
 
 def parse_value(text: str):
@@ -51,6 +69,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="evaluate every N rounds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config override, e.g. objective=ce (repeatable)")
+    parser.add_argument("--malicious", type=int, default=0,
+                        help="the first N clients are malicious (default 0)")
+    parser.add_argument("--attack", choices=MALICIOUS, default="scale",
+                        help="what malicious clients do: scale (their update x100), sign-flip "
+                             "(the update negated), label-flip (train on label C-1-y)")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
     cfg = RunConfig.from_mapping({k: parse_value(v) for k, v in overrides.items()})
@@ -61,6 +84,8 @@ def main() -> None:
     clients = []  # each client's (images, labels[, teacher logits]): the logits never change
     for pid in range(args.clients):
         tensors = list(client_split(cfg, data, pid, args.clients).tensors())
+        if pid < args.malicious and args.attack == "label-flip":
+            tensors[1] = data.num_classes - 1 - tensors[1]
         if teacher is not None:
             with torch.no_grad():
                 tensors.append(teacher(tensors[0]))
@@ -71,7 +96,8 @@ def main() -> None:
         fedftg = build_fedftg(cfg, data)
         counts = torch.tensor([label_counts(t[1], data.num_classes) for t in clients], dtype=torch.float64)
     times = {"slowest": 0.0, "server": 0.0, "round": 0.0}
-    print(f"in-process federation: {args.clients} clients, {args.rounds} rounds, overrides {overrides}")
+    print(f"in-process federation: {args.clients} clients ({args.malicious} malicious: {args.attack}), "
+          f"{args.rounds} rounds, overrides {overrides}")
     start = time.time()
     for server_round in range(1, args.rounds + 1):
         round_start = time.time()
@@ -88,9 +114,15 @@ def main() -> None:
             weights.append(metrics["num-examples"])
             models.append(model)
             slowest = max(slowest, time.time() - client_start)
-        total = sum(weights)
-        global_model.load_state_dict({key: sum(w * s[key] for w, s in zip(weights, states)) / total
-                                      for key in states[0]})
+        sent = ArrayRecord(global_model.state_dict())
+        records = [ArrayRecord(state) for state in states]
+        for pid in range(args.malicious):
+            if args.attack in ("scale", "sign-flip"):
+                records[pid] = malicious_update(records[pid], sent, 100.0 if args.attack == "scale" else -1.0)
+        if cfg.clip_factor > 0:
+            records, _ = clip_updates(records, sent, cfg.clip_factor)
+        aggregate = robust_aggregate(records, weights, cfg.aggregation, cfg.trim_fraction)
+        global_model.load_state_dict(aggregate.to_torch_state_dict())
         server_start = time.time()
         if fedftg is not None:
             fedftg.finetune(global_model, models, counts, server_round)
