@@ -6,7 +6,7 @@ turns it into a frozen dataclass, rejecting unknown keys and bad values with an 
 the key and what was expected. The local-training hyperparameters live in `TrainConfig`, which the
 strategy broadcasts to clients each round and which the plug-in training function takes directly.
 
-Each field's run-config key is its name with `_` replaced by `-`; its metadata holds the README
+Each field's run-config key is its name with `_` replaced by `-`; its metadata holds the docs/configuration.md
 documentation and the allowed values.
 """
 
@@ -62,7 +62,7 @@ def _key(name: str) -> str:
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, low_open: bool = False, auto: bool = False) -> Any:
-    """A config field: default, README text, and the allowed values (a set or a range). An `auto`
+    """A config field: default, docs/configuration.md text, and the allowed values (a set or a range). An `auto`
     field's run-config default is "auto", resolved per dataset from `DATASET_DEFAULTS`; its
     dataclass default is the digits value (for direct use, e.g. `TrainConfig()`)."""
     return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
@@ -321,7 +321,7 @@ def resolve_auto(values: Mapping[str, Any], where: str = "run config") -> dict[s
 
 
 def documented_fields() -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every run-config key, in README order; an auto key's default is
+    """(key, default, doc) for every run-config key, in the order of docs/configuration.md; an auto key's default is
     "auto" and its doc ends with each dataset's value."""
     rows = []
     for cls in (RunConfig, TrainConfig):
@@ -346,7 +346,7 @@ def documented_defaults() -> dict[str, Any]:
 
 
 def markdown_table() -> str:
-    """The README's run-config table, generated from the dataclasses."""
+    """The run-config table of docs/configuration.md, generated from the dataclasses."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, doc in documented_fields():
         shown = f'"{default}"' if isinstance(default, str) else str(default).lower() \
