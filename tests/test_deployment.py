@@ -1,8 +1,8 @@
 """The docker compose topology as plain processes on loopback: a SuperLink with TLS and SuperNode
 authentication, registered SuperNodes with their own partitions and teacher caches, `flwr run`
 against it, and faults: an unregistered node, a node whose teacher does not match, and a node
-killed in the middle of a round that comes back. (A ServerApp killed mid-run and resumed:
-tests/test_simulation.py.)"""
+killed in the middle of a round that comes back; and a ServerApp killed mid-run, resumed from its
+checkpoint over the same TLS links."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_simulation import BIN, ROOT, free_ports, wait_for_port
+from test_simulation import BIN, ROOT, free_ports, kill_serverapp, wait_for_port
 
 from pmafl.config import RunConfig
 from pmafl.data import load_dataset
@@ -211,3 +211,44 @@ def test_tls_authenticated_federation_survives_faults(deployment, app, tmp_path)
     assert "round 3 train: 3 of 4 sampled nodes' replies aggregated" in log
     assert "Receiving: train message" in procs.log("node1-again")
     assert rounds[3]["fed_num_clients"] == 4
+
+
+def test_a_killed_serverapp_resumes_under_tls_and_keeps_every_completed_round(deployment, app, tmp_path):
+    procs, creds, http = deployment
+    teacher = tmp_path / "teacher" / "digits--cnn-large.pt"
+    make_teacher(teacher, seed=0)
+    ports = free_ports(2)
+    for i in range(2):
+        out = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(creds / f"supernode-{i}.pub"),
+                              "dep"], env=procs.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        seeded = subprocess.run([sys.executable, "-m", "pmafl.teacher_cli", "seed", str(teacher),
+                                 "--cache-dir", str(tmp_path / f"node{i}")], env=procs.env,
+                                capture_output=True, text=True, timeout=120)
+        assert seeded.returncode == 0, seeded.stderr
+        sha256 = re.search(r"sha256 ([0-9a-f]{64})", seeded.stdout).group(1)
+        start_supernode(procs, f"node{i}", creds, http, i, ports[i],
+                        f"partition-id={i} num-partitions=2 teacher-cache-dir='{tmp_path / f'node{i}'}'")
+    results_dir = tmp_path / "results"
+    run_config = (f"num-server-rounds=3 local-epochs=1 pgd-steps=2 eval-steps=3 federated-eval-every=0 "
+                  f"round-timeout=60 teacher-sha256='{sha256}' results-dir='{results_dir}'")
+    first = procs.start("flwr-run", [str(BIN / "flwr"), "run", str(app), "dep", "--stream",
+                                     "--run-config", run_config])
+    wait_for(lambda: list(results_dir.glob("*/checkpoint.pt")), 300, "round 1's checkpoint")
+    assert kill_serverapp(procs.env, "flwr-serverapp"), "no ServerApp process found to kill"
+    procs.kill("flwr-run")
+    assert first.returncode is not None
+    [folder] = [p.parent for p in results_dir.glob("*/checkpoint.pt")]
+    assert not (folder / "results.json").exists()
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    done = json.loads(checkpoint["rounds"])
+    assert checkpoint["round"] < 3 and [r["round"] for r in done] == list(range(checkpoint["round"] + 1))
+    resumed = procs.start("flwr-run-resumed", [
+        str(BIN / "flwr"), "run", str(app), "dep", "--stream",
+        "--run-config", f"{run_config} resume-from='{folder}'"])
+    assert resumed.wait(timeout=400) == 0, procs.log("flwr-run-resumed")[-3000:]
+    wait_for(lambda: (folder / "results.json").exists(), 60, "results.json")
+    rounds = json.loads((folder / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[:len(done)] == done  # every completed round kept as it was
+    assert f"Resuming {folder} after round {checkpoint['round']}" in procs.log("flwr-run-resumed")

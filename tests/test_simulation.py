@@ -127,8 +127,9 @@ def test_flwr_run_simulation_writes_results_and_repeats_them(superlink, app, tmp
     assert resumed["rounds"] == results["rounds"]
 
 
-def kill_serverapp(env):
-    """SIGKILL the simulation process (ServerApp and ClientApps) serving our SuperLink."""
+def kill_serverapp(env, program="flwr-simulation"):
+    """SIGKILL the process that runs the ServerApp for our SuperLink (`flwr-simulation` in
+    simulation, with the ClientApps; `flwr-serverapp` in deployment)."""
     home = Path(env["FLWR_HOME"]) / "config.toml"
     port = re.search(r'address = "127.0.0.1:(\d+)"', home.read_text()).group(1)
     killed = 0
@@ -137,7 +138,7 @@ def kill_serverapp(env):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "flwr-simulation" in cmdline and f"127.0.0.1:{port}" in cmdline:
+        if program in cmdline and f"127.0.0.1:{port}" in cmdline:
             os.kill(int(pid), signal.SIGKILL)
             killed += 1
     return killed
