@@ -6,8 +6,8 @@ turns it into a frozen dataclass, rejecting unknown keys and bad values with an 
 the key and what was expected. The local-training hyperparameters live in `TrainConfig`, which the
 strategy broadcasts to clients each round and which the plug-in training function takes directly.
 
-Each field's run-config key is its name with `_` replaced by `-`; its metadata holds the docs/configuration.md
-documentation and the allowed values.
+Each field's run-config key is its name with `_` replaced by `-`; its metadata holds its
+documentation (the table in docs/configuration.md) and the allowed values.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _key(name: str) -> str:
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, low_open: bool = False, auto: bool = False) -> Any:
-    """A config field: default, docs/configuration.md text, and the allowed values (a set or a range). An `auto`
-    field's run-config default is "auto", resolved per dataset from `DATASET_DEFAULTS`; its
+    """A config field: default, docs/configuration.md text, and the allowed values (a set or a
+    range). An `auto` field's run-config default is "auto", resolved per dataset from `DATASET_DEFAULTS`; its
     dataclass default is the digits value (for direct use, e.g. `TrainConfig()`)."""
     return field(default=default, metadata={"doc": doc, "choices": choices, "low": low,
                                              "high": high, "low_open": low_open, "auto": auto})
@@ -321,8 +321,8 @@ def resolve_auto(values: Mapping[str, Any], where: str = "run config") -> dict[s
 
 
 def documented_fields() -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every run-config key, in the order of docs/configuration.md; an auto key's default is
-    "auto" and its doc ends with each dataset's value."""
+    """(key, default, doc) for every run-config key, in the order of docs/configuration.md; an
+    auto key's default is "auto" and its doc ends with each dataset's value."""
     rows = []
     for cls in (RunConfig, TrainConfig):
         for f in dataclasses.fields(cls):
