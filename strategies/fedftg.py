@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
 from pmafl.fedftg import LABEL_COUNTS, FedFTGServer
-from strategies.strategy_utils import array_specs, canonical_order, reply_problem, run_rounds
+from strategies.strategy_utils import RoundLoop, array_specs, canonical_order, reply_problem
 
 
 def label_counts_problem(counts: Any, num_classes: int, num_examples: Any) -> str | None:
@@ -37,7 +37,7 @@ def label_counts_problem(counts: Any, num_classes: int, num_examples: Any) -> st
     return None
 
 
-class FedFTG(Strategy):
+class FedFTG(RoundLoop, Strategy):
     """FedFTG (Zhang et al., CVPR 2022) around a base strategy: `FedFTG(PMAFL(...), ...)` or
     `FedFTG(FedAvg(), ...)`.
 
@@ -122,18 +122,10 @@ class FedFTG(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              start_round: int = 1,
-              on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
-        """The project's round loop (`strategy_utils.run_rounds`) over this wrapper; a base that
-        counts rounds (`PMAFL`'s last-round evaluation) is told how many."""
-        if hasattr(self.strategy, "num_rounds"):
-            self.strategy.num_rounds = num_rounds
-        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
-                          evaluate_config, evaluate_fn, start_round, on_round_end)
+    def set_num_rounds(self, num_rounds: int) -> None:
+        """Called by `start`: a base that counts rounds (`PMAFL`) is told how many."""
+        if hasattr(self.strategy, "set_num_rounds"):
+            self.strategy.set_num_rounds(num_rounds)
 
     def _model(self, arrays: ArrayRecord, device: torch.device) -> nn.Module:
         if self._template is None:

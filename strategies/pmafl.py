@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from pmafl.config import AGGREGATIONS, TrainConfig
 from pmafl.train import warmup_eps
 from strategies.strategy_utils import (
+    RoundLoop,
     array_specs,
     canonical_order,
     clip_updates,
@@ -24,7 +25,6 @@ from strategies.strategy_utils import (
     expected_metric_keys,
     reply_problem,
     robust_aggregate,
-    run_rounds,
     worst_client,
 )
 
@@ -33,7 +33,7 @@ class FederationStalled(RuntimeError):
     """The federation cannot make progress: too few nodes, or too few valid replies."""
 
 
-class PMAFL(FedAvg):
+class PMAFL(RoundLoop, FedAvg):
     """Pre-trained Model guided Adversarial Federated Learning, server side.
 
     Each round it sends the global model and the local-training hyperparameters (`train_config`,
@@ -189,17 +189,9 @@ class PMAFL(FedAvg):
         metrics["num-clients"] = len(contents)
         return metrics
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              start_round: int = 1,
-              on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
-        """Flower's `Strategy.start` (same arguments, same `Result`), plus `start_round` and
-        `on_round_end` for resuming: see `strategy_utils.run_rounds`."""
+    def set_num_rounds(self, num_rounds: int) -> None:
+        """Called by `start`: the last round always gets a federated evaluation."""
         self.num_rounds = num_rounds
-        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
-                          evaluate_config, evaluate_fn, start_round, on_round_end)
 
     def _screen(self, server_round: int, stage: str, replies: Iterable[Message],
                 expected_arrays: dict[str, tuple[tuple[int, ...], str]] | None) -> list[Message]:

@@ -20,6 +20,28 @@ from flwr.supercore import log
 from pmafl.config import AGGREGATIONS
 
 
+class RoundLoop:
+    """Mixin giving a strategy the project's `start`: `run_rounds`, with Flower's arguments plus
+    `start_round` and `on_round_end` for resuming. `set_num_rounds` tells the strategy how many
+    rounds the run has before the loop starts."""
+
+    def set_num_rounds(self, num_rounds: int) -> None:
+        """Nothing to do by default; a strategy that needs the count (e.g. PMAFL's last-round
+        evaluation) overrides it."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              start_round: int = 1,
+              on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+        """Flower's `Strategy.start` (same arguments, same `Result`) plus resuming: see
+        `run_rounds`."""
+        self.set_num_rounds(num_rounds)
+        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
+                          evaluate_config, evaluate_fn, start_round, on_round_end)
+
+
 def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
                timeout: float = 3600, train_config: ConfigRecord | None = None,
                evaluate_config: ConfigRecord | None = None,
@@ -30,8 +52,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     plus two for resuming: `start_round` runs rounds start_round..num_rounds from
     `initial_arrays` (the round-0 evaluation only when starting at 1), and
     `on_round_end(round, arrays, result)` is called after every round's evaluation, e.g. to
-    write a checkpoint. The one round loop of this project: `PMAFL.start` and `FedFTG.start`
-    both run it."""
+    write a checkpoint. The one round loop of this project: `PMAFL` and `FedFTG` both run it
+    through `RoundLoop.start`."""
     log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
     strategy.summary()
     train_config = train_config or ConfigRecord()
