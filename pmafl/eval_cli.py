@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pmafl.backdoor import Trigger, attack_success_rate
+from pmafl.config import RunConfig
 from pmafl.data import evaluation_subset, load_dataset
 from pmafl.evaluate import (
     ATTACKS,
@@ -33,6 +34,7 @@ from pmafl.evaluate import (
     sweep_radii,
 )
 from pmafl.models import create_model
+from pmafl.task import backdoor_trigger
 from pmafl.teacher import settings_trigger
 
 
@@ -45,9 +47,9 @@ def saved_settings(model_file: Path) -> dict[str, Any]:
         found = {"model": config["model"], "dataset": config["dataset"], "eps": config["eps"],
                  "data_dir": config["data-dir"], "public_fraction": config["public-fraction"],
                  "max_pool": config.get("max-train-examples", 0)}
-        if config.get("backdoor-rate", 0) > 0:  # the run's teacher carried this backdoor
-            found["trigger"] = Trigger(config["backdoor-target"], config["backdoor-patch"],
-                                       config["backdoor-value"], config["backdoor-position"])
+        trigger = backdoor_trigger(RunConfig.from_mapping(config))  # the run's teacher's backdoor
+        if trigger is not None:
+            found["trigger"] = trigger
         return found
     record = model_file.with_suffix(".json")
     if record.is_file():

@@ -169,6 +169,11 @@ def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
     images, labels = eval_split(cfg, data).tensors()
     assert results["rounds"][-1]["asr"] == attack_success_rate(model, images, labels,
                                                                backdoor_trigger(cfg, data))
+    # pmafl-evaluate finds the trigger in the run's results.json.
+    from pmafl.eval_cli import run as evaluate_cli
+
+    report = evaluate_cli([str(folder / "model.pt"), "--attacks", "fgsm", "--sweep", "0"])
+    assert report["asr"] == results["rounds"][-1]["asr"]
     _, clean = run_federation(tmp_path / "clean", **{"num-server-rounds": 1})
     assert all("asr" not in r for r in clean["rounds"])
 
