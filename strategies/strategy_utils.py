@@ -103,8 +103,13 @@ def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayReco
         for record, weight in zip(records, weights, strict=True):
             acc += record[key].numpy().astype(np.float64) * (weight / total)
         dtype = first.numpy().dtype
-        mean[key] = Array(np.asarray(acc.round() if dtype.kind in "iub" else acc, dtype=dtype))
+        mean[key] = _cast(acc, dtype)
     return ArrayRecord(mean)
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> Array:
+    """A float64 aggregate back in the clients' dtype, integers (e.g. BatchNorm counters) rounded."""
+    return Array(np.asarray(values.round() if dtype.kind in "iub" else values, dtype=dtype))
 
 
 def coordinate_wise(records: list[ArrayRecord], reduce: Callable[[np.ndarray], np.ndarray]
@@ -116,7 +121,7 @@ def coordinate_wise(records: list[ArrayRecord], reduce: Callable[[np.ndarray], n
         stacked = np.stack([record[key].numpy().astype(np.float64) for record in records])
         value = reduce(stacked)
         dtype = first.numpy().dtype
-        out[key] = Array(np.asarray(value.round() if dtype.kind in "iub" else value, dtype=dtype))
+        out[key] = _cast(value, dtype)
     return ArrayRecord(out)
 
 
