@@ -9,6 +9,7 @@ fine-tuning time as a ratio to the slowest client's local training and to the wh
     python bench/inprocess_federation.py --rounds 30 --set lambda-alg=0.1 --set grad-clip=0
     python bench/inprocess_federation.py --rounds 30 --set server-finetune=fedftg --set dirichlet-alpha=0.1
     python bench/inprocess_federation.py --malicious 2 --attack scale --set aggregation=median
+    python bench/inprocess_federation.py --set backdoor-rate=0.1      # the ASR a backdoored teacher hands on
 
 `--malicious N --attack ...` makes the first N clients malicious, and the server aggregates as
 the `aggregation`, `trim-fraction` and `clip-factor` keys say, with the strategy's own functions.
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from pmafl.backdoor import attack_success_rate
 from pmafl.config import RunConfig
 from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
 from pmafl.fedftg import label_counts
 from pmafl.objectives import needs_teacher
 from pmafl.task import (
+    backdoor_trigger,
     build_fedftg,
     build_model,
     client_seed,
@@ -91,6 +94,7 @@ def main() -> None:
                 tensors.append(teacher(tensors[0]))
         clients.append(tensors)
     test_images, test_labels = eval_split(cfg, data).tensors()
+    trigger = backdoor_trigger(cfg, data)  # a backdoored teacher's trigger: its ASR is printed
     fedftg = None
     if cfg.server_finetune != "off":
         fedftg = build_fedftg(cfg, data)
@@ -125,6 +129,9 @@ def main() -> None:
         global_model.load_state_dict(aggregate.to_torch_state_dict())
         server_start = time.time()
         if fedftg is not None:
+            # The ensemble is the models as they were averaged (malicious, clipped), as in FedFTG.
+            for model, record in zip(models, records, strict=True):
+                model.load_state_dict(record.to_torch_state_dict())
             fedftg.finetune(global_model, models, counts, server_round)
         times["server"] += time.time() - server_start
         times["slowest"] += slowest
@@ -135,8 +142,10 @@ def main() -> None:
             if fedftg is not None:
                 timing = (f"; FedFTG server time / slowest client {times['server'] / times['slowest']:.2f}"
                           f", / in-process round {times['server'] / times['round']:.2f}")
+            asr = "" if trigger is None else (
+                f", backdoor ASR {attack_success_rate(global_model, test_images, test_labels, trigger):.3f}")
             print(f"round {server_round:>3}: clean acc {scores['clean_acc']:.3f}, FGSM acc "
-                  f"{scores['fgsm_acc']:.3f}, PGD-{cfg.eval_steps} acc {scores['pgd_acc']:.3f} "
+                  f"{scores['fgsm_acc']:.3f}, PGD-{cfg.eval_steps} acc {scores['pgd_acc']:.3f}{asr} "
                   f"({len(test_labels)} test images, {time.time() - start:.0f}s{timing})", flush=True)
 
 

@@ -20,6 +20,7 @@ from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.fedftg import LABEL_COUNTS, label_counts
 from pmafl.kdiga import teacher_input_gradients
 from pmafl.objectives import needs_teacher
+from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller
 from pmafl.task import (
     build_model,
     client_seed,
@@ -67,6 +68,20 @@ def _teacher_tensors(context: Context, teacher: torch.nn.Module, sha256: str, im
     return [cached["logits"], *([cached["input-grads"]] if input_grads else [])]
 
 
+def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.nn.Module,
+                       cfg: RunConfig, images: torch.Tensor, train_config: TrainConfig,
+                       seed: int) -> FeatureDistiller:
+    """RobustKD's feature distiller of this node: its connectors (not part of the global model)
+    carry over from the node's previous round, kept in the node's state."""
+    with torch.random.fork_rng(devices=[]):  # the connectors' first weights: seeded, RNG untouched
+        torch.manual_seed(seed)
+        features = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
+                                          images[:MARGIN_IMAGES], train_config.robustkd_noise)
+    if "robustkd-connectors" in context.state:
+        features.load_state_dict(context.state["robustkd-connectors"].to_torch_state_dict())
+    return features.to(images.device)
+
+
 def _received_model(msg: Message, cfg: RunConfig, data, device: torch.device) -> torch.nn.Module:
     model = build_model(cfg, data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -96,7 +111,12 @@ def train(msg: Message, context: Context) -> Message:
     seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)
     loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
-    metrics = pmafl_train(model, teacher, loader, train_config)
+    features = None
+    if train_config.robustkd_weight > 0:
+        features = _feature_distiller(context, model, teacher, cfg, images.to(device), train_config, seed)
+    metrics = pmafl_train(model, teacher, loader, train_config, features)
+    if features is not None:
+        context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
     if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),

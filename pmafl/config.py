@@ -147,6 +147,12 @@ class TrainConfig:
     kdiga_weight: float = option(0.0, "Weight of KDIGA's input-gradient alignment L_GA, added to "
                                  "every objective that distils from the teacher (`kdiga`, `pmafl` "
                                  "and its ablations); 0: off.", low=0)
+    robustkd_weight: float = option(0.0, "Weight of RobustKD's feature distillation from the "
+                                    "detoxified teacher (`pmafl-teacher vet`), added to every "
+                                    "objective that distils from the teacher; its logits then come "
+                                    "from the detoxified teacher too. 0: off.", low=0)
+    robustkd_noise: float = option(0.1, "Share of pixels of the feature term's inputs set to "
+                                   "salt-and-pepper noise (RobustKD).", low=0, high=1)
     ce_weight: float = option(0.0, "Weight of an extra cross-entropy term on the labels (PM-AFL).",
                               low=0)
     attack_loss: str = option("ce", "Loss the PM-AFL training attack maximises: `ce` (labels), `cw` "
@@ -286,6 +292,10 @@ class RunConfig:
         if cfg.train.kdiga_weight > 0 and not needs_teacher(cfg.train.objective):
             raise ConfigError(f"{where} key 'kdiga-weight': the alignment term needs an objective "
                               f"that distils from the teacher, got objective {cfg.train.objective!r}")
+        if cfg.train.robustkd_weight > 0 and not needs_teacher(cfg.train.objective):
+            raise ConfigError(f"{where} key 'robustkd-weight': feature distillation needs an "
+                              f"objective that distils from the teacher, got objective "
+                              f"{cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "

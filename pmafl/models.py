@@ -38,11 +38,12 @@ def is_known_model(name: str) -> bool:
 
 
 class Normalized(nn.Module):
-    """(x - mean) / std in front of a network; x stays in [0, 1] for the attacks."""
+    """(x - mean) / std in front of a network; x stays in [0, 1] for the attacks. `arch` is the
+    registry name the network was created by ("" when built by hand)."""
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = "") -> None:
         super().__init__()
-        self.net = net
+        self.net, self.arch = net, arch
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -58,7 +59,7 @@ def create_model(name: str, num_classes: int, in_channels: int,
         net = _MODELS[name](num_classes, in_channels)
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    return Normalized(net, mean, std)
+    return Normalized(net, mean, std, name)
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:

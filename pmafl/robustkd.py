@@ -1,7 +1,7 @@
 """RobustKD (Chen et al., "RobustKD: Robust Knowledge Distillation Based on Feature Variance Against
 Backdoored Teacher Model", Applied Soft Computing 2024, arXiv 2406.03409): vetting a teacher that
-may carry a backdoor, and detoxifying its features. Work in progress (see docs/robustkd.md): the
-pieces below are unit-tested; the federation does not use them yet.
+may carry a backdoor, detoxifying its features, and distilling features from it safely
+(`FeatureDistiller`, which `pmafl_train` adds with `robustkd-weight` > 0).
 
 Detection, the step the public code leaves out, is being designed as a Neural Cleanse (Wang et
 al. 2019, `reverse_engineer_trigger`): for every candidate target class, the smallest input mask
@@ -13,7 +13,8 @@ Detoxification (`DetoxifiedTeacher`): F <- (1 - M) * F + M * P at that stage, M 
 channels and P their mean on clean data, a benign replacement: the teacher's features, and with
 them its logits, no longer carry the shortcut. The distillation pieces are Heo et al.'s margin
 (`activation_margin`) and partial L2 (`partial_l2`), and salt-and-pepper noise on the student's
-inputs (`salt_and_pepper`).
+inputs (`salt_and_pepper`). `FeatureDistiller` puts them together: at every stage, the student's
+features on noisy inputs, through a 1x1 conv + BN connector, regress the detoxified teacher's.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class VetResult:
 
 
 ANOMALY_THRESHOLD = 2.0
+VET_IMAGES = 256  # clean images `vet` runs on (the public split's first)
+MARGIN_IMAGES = 256  # a client's images the feature margins are measured on (its first)
 
 
 def anomaly_index(norms: Sequence[float]) -> tuple[float, int]:
@@ -225,6 +228,10 @@ class DetoxifiedTeacher(nn.Module):
         self.register_buffer("mask", mask.float().clone())
         self.register_buffer("pattern", pattern.float().clone())
         module = dict(self.teacher.named_modules())[stage]
+        channels = getattr(module, "out_channels", len(mask))
+        if len(mask) != channels or len(pattern) != channels:
+            raise ValueError(f"stage {stage} has {channels} channels, the mask {len(mask)} and the "
+                             f"pattern {len(pattern)}")
         module.register_forward_hook(lambda _m, _i, out: detoxify(out, self.mask, self.pattern))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,3 +243,76 @@ def benign_pattern(teacher: nn.Module, stage: str, images: torch.Tensor) -> torc
     with torch.no_grad():
         _, (features,) = stage_features(teacher.eval(), images, [stage])
     return features.transpose(0, 1).flatten(1).mean(dim=1)
+
+
+class FeatureDistiller(nn.Module):
+    """RobustKD's feature term: at every feature stage, the student's pre-ReLU features on inputs
+    with salt-and-pepper noise, through a connector (1x1 conv + BN, student channels to teacher
+    channels), regress the (detoxified) teacher's pre-ReLU features under Heo et al.'s partial L2
+    with the teacher's per-channel margins; the loss is the sum over stages.
+
+    The connectors train with the student but are not part of the global model: a client keeps
+    its distiller across rounds (the ClientApp holds it in the node's state). Build one with
+    `FeatureDistiller.build`."""
+
+    def __init__(self, student_stages: Sequence[str], teacher_stages: Sequence[str],
+                 student_channels: Sequence[int], teacher_channels: Sequence[int],
+                 margins: Sequence[torch.Tensor], noise: float = 0.1) -> None:
+        super().__init__()
+        if not (len(student_stages) == len(teacher_stages) == len(student_channels)
+                == len(teacher_channels) == len(margins)):
+            raise ValueError("student and teacher need the same number of feature stages")
+        self.student_stages, self.teacher_stages = tuple(student_stages), tuple(teacher_stages)
+        self.noise = noise
+        self.connectors = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
+            for c_s, c_t in zip(student_channels, teacher_channels, strict=True))
+        for conv, _ in self.connectors:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        self.register_buffer("margins", torch.cat([m.float().flatten() for m in margins]))
+        self._sizes = [len(m.flatten()) for m in margins]
+
+    @classmethod
+    def build(cls, student: nn.Module, student_name: str, teacher: nn.Module, teacher_name: str,
+              images: torch.Tensor, noise: float = 0.1) -> FeatureDistiller:
+        """A distiller for this pair, its margins measured on the teacher's features of the clean
+        `images` (a client's own data)."""
+        s_stages, t_stages = feature_stages(student_name), feature_stages(teacher_name)
+        t_stages = tuple(_inner(teacher) + name for name in t_stages)
+        was_training = student.training
+        with torch.no_grad():
+            _, s_feats = stage_features(student.eval(), images[:2], s_stages)
+            _, t_feats = stage_features(teacher.eval(), images, t_stages)
+        student.train(was_training)
+        for (name, s), t in zip(zip(s_stages, s_feats, strict=True), t_feats, strict=True):
+            if s.shape[2:] != t.shape[2:]:
+                raise ValueError(f"student stage {name} has spatial size {tuple(s.shape[2:])}, the "
+                                 f"teacher's {tuple(t.shape[2:])}: a 1x1 connector cannot map them")
+        return cls(s_stages, t_stages, [f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats],
+                   [activation_margin(f) for f in t_feats], noise).to(images.device)
+
+    def forward(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        noisy = salt_and_pepper(x, self.noise) if self.noise > 0 else x
+        _, s_feats = stage_features(student, noisy, self.student_stages)
+        with torch.no_grad():
+            _, t_feats = stage_features(teacher, noisy, self.teacher_stages)
+        margins = self.margins.split(self._sizes)
+        return sum(partial_l2(connector(s), t, m)
+                   for connector, s, t, m in zip(self.connectors, s_feats, t_feats, margins, strict=True))
+
+
+def architecture(model: nn.Module) -> str:
+    """The registry name a model (or the teacher inside a `DetoxifiedTeacher`) was created by."""
+    inner = model.teacher if isinstance(model, DetoxifiedTeacher) else model
+    name = getattr(inner, "arch", "")
+    if not name:
+        raise ValueError("the model does not say its architecture (build it with "
+                         "pmafl.models.create_model, or pass a FeatureDistiller built by hand)")
+    return name
+
+
+def _inner(teacher: nn.Module) -> str:
+    """The prefix of the wrapped network's module names: a `DetoxifiedTeacher` holds its copy of
+    the teacher as `teacher` (its detoxification hook is on that copy's stage, registered first,
+    so hooks reading the stage see detoxified features)."""
+    return "teacher." if isinstance(teacher, DetoxifiedTeacher) else ""

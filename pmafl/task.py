@@ -6,9 +6,12 @@ The ServerApp and ClientApp call these; so can any script (see `tests/test_plugi
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from pmafl.backdoor import Trigger
@@ -24,7 +27,17 @@ from pmafl.data import (
 )
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
-from pmafl.teacher import TeacherError, ensure_teacher, load_teacher, teacher_path
+from pmafl.robustkd import ANOMALY_THRESHOLD, VET_IMAGES, vet
+from pmafl.teacher import (
+    TeacherError,
+    ensure_teacher,
+    load_detoxified,
+    load_teacher,
+    teacher_path,
+    write_vet,
+)
+
+log = logging.getLogger(__name__)
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -120,7 +133,35 @@ def prepare_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, settings)
     teacher, sha256 = ensure_teacher(path, data, settings, eval_split(cfg, data), cfg.teacher_sha256,
                                      device or torch.device("cpu"))
+    if cfg.train.robustkd_weight > 0:
+        ensure_vet(path, teacher, cfg.teacher_model, data)
     return teacher, sha256, path
+
+
+def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedData,
+               again: bool = False, steps: int = 300) -> dict:
+    """The vet record of the teacher at `path` (RobustKD's detection and detoxification, written
+    beside it), vetting it first when it has none (or `again`): Neural Cleanse with `steps` steps
+    per class on the public split's first `VET_IMAGES` images, which every node's copy of the
+    dataset holds, so that any node computes the same record."""
+    with FileLock(str(path) + ".lock"):
+        vet_record = json.loads(path.with_suffix(".json").read_text()).get("vet")
+        if vet_record is None or again:
+            log.info("teacher %s: vetting it (Neural Cleanse over %d classes, %d steps each)",
+                     path.name, data.num_classes, steps)
+            images = data.public.tensors()[0][:VET_IMAGES].to(next(teacher.parameters()).device)
+            vet_record = write_vet(path, vet(teacher, model_name, images, steps, seed=SPLIT_SEED))
+            log.info("teacher %s: %s", path.name, vet_summary(vet_record))
+    return vet_record
+
+
+def vet_summary(record: dict) -> str:
+    """One line on a vet record."""
+    verdict = (f"looks BACKDOORED, suspected target class {record['target']}, "
+               f"{len(record['channels'])} channels of {record['stage']} masked"
+               if record["backdoored"] else "looks clean, nothing masked")
+    return (f"{verdict} (anomaly index {record['anomaly_index']:.2f}, threshold "
+            f"{ANOMALY_THRESHOLD:g}; smallest trigger for class {record['target']})")
 
 
 @functools.lru_cache(maxsize=4)
@@ -136,7 +177,13 @@ def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
 
 def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
                 device: torch.device | None = None) -> tuple[nn.Module, str]:
-    """The node's verified cached teacher, loaded once per process. It is never pre-trained here,
-    inside a round's timeout: a missing one is an error that says how to prepare it."""
+    """The node's verified cached teacher, loaded once per process, and its sha256. It is never
+    pre-trained here, inside a round's timeout: a missing one is an error that says how to
+    prepare it. With `robustkd-weight` > 0 it is the detoxified teacher (its recorded vet), and the
+    checksum covers the vet file too."""
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, teacher_settings(cfg))
-    return _cached_teacher(path, data, cfg, device or torch.device("cpu"))
+    teacher, sha256 = _cached_teacher(path, data, cfg, device or torch.device("cpu"))
+    if cfg.train.robustkd_weight > 0:
+        teacher, record = load_detoxified(path, teacher)
+        sha256 = f"{sha256}+vet:{record['sha256']}"
+    return teacher, sha256

@@ -9,6 +9,11 @@ missing file, a file whose checksum differs from the record (tampered or corrupt
 than the one a run expects, a record whose settings differ from the run's, and a teacher with the
 wrong number of classes. `ensure_teacher` pre-trains a missing teacher on the dataset's public
 split, under a file lock so that processes sharing one cache build it once.
+
+A vetted teacher (`pmafl-teacher vet`, `pmafl.robustkd.vet`) also has `<name>.vet.pt` beside it:
+the detoxification (per-channel mask M and values P at one stage) and the reverse-engineered
+trigger, summarised with its sha256 under `vet` in the record; `load_detoxified` verifies it and
+wraps the teacher so that every node distils from the same detoxified teacher.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pmafl.data import FederatedData, Split, make_loader
 from pmafl.evaluate import evaluate
 from pmafl.files import cache_root, file_sha256, write_atomic
 from pmafl.models import create_model
+from pmafl.robustkd import DetoxifiedTeacher, VetResult
 from pmafl.train import pmafl_train
 
 log = logging.getLogger(__name__)
@@ -183,3 +189,49 @@ def ensure_teacher(path: Path, data: FederatedData, settings: dict[str, Any], te
                      "PGD-20 %.3f%s", path, sha256, len(y), scores["clean_acc"], scores["pgd_acc"],
                      f", backdoor ASR {meta['test_asr']:.3f}" if "test_asr" in meta else "")
     return load_teacher(path, data.num_classes, expected_sha256, device, settings)
+
+
+def vet_path(path: Path) -> Path:
+    """The vet file beside the teacher file `path`."""
+    return path.with_suffix(".vet.pt")
+
+
+def write_vet(path: Path, result: VetResult) -> dict[str, Any]:
+    """Store `result` beside the teacher at `path` and summarise it, with the vet file's sha256,
+    under `vet` in the teacher's record (the teacher's own sha256 stays as it was)."""
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    if file_sha256(path) != meta.get("sha256"):
+        raise TeacherError(f"teacher file {path} does not match its record: not vetting it")
+    tensors = {"mask": result.mask, "pattern": result.pattern, "trigger_mask": result.trigger_mask,
+               "trigger_pattern": result.trigger_pattern, "norms": torch.tensor(result.norms)}
+    out = vet_path(path)
+    write_atomic(out, lambda f: torch.save({k: v.detach().cpu() for k, v in tensors.items()}, f))
+    meta["vet"] = {"file": out.name, "sha256": file_sha256(out), "backdoored": result.backdoored,
+                   "anomaly_index": result.anomaly_index, "target": result.target,
+                   "norms": [round(n, 3) for n in result.norms], "stage": result.stage,
+                   "channels": result.channels}
+    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return meta["vet"]
+
+
+def load_detoxified(path: Path, teacher: nn.Module) -> tuple[DetoxifiedTeacher, dict[str, Any]]:
+    """The loaded `teacher` (from the file `path`) wrapped with its recorded detoxification, and
+    the record's `vet` summary. A missing vet record or file, or a file whose sha256 differs from
+    the record, is refused."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    vet = meta.get("vet")
+    if vet is None:
+        raise TeacherError(f"teacher file {path} has not been vetted (no 'vet' in its record): run "
+                           f"`pmafl-teacher vet {path}` before a run with robustkd-weight > 0")
+    file = path.parent / vet["file"]
+    if not file.is_file() or file_sha256(file) != vet["sha256"]:
+        raise TeacherError(f"vet file {file} is missing or does not match the sha256 in "
+                           f"{path.with_suffix('.json')}: vet the teacher again")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        detoxified = DetoxifiedTeacher(teacher, vet["stage"], state["mask"], state["pattern"])
+    except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file gets the same answer
+        raise TeacherError(f"vet file {file} does not fit the teacher: {type(e).__name__}: {e}") from e
+    device = next(teacher.parameters()).device
+    return detoxified.to(device).eval().requires_grad_(False), vet

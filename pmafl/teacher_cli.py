@@ -5,6 +5,7 @@ cache, or show what a cache holds.
     pmafl-teacher seed teacher.pt --cache-dir /data/teachers            # record beside teacher.pt
     pmafl-teacher seed weights.pt --cache-dir DIR --run-config "dataset='digits' teacher-model='cnn-large'"
     pmafl-teacher show --cache-dir /data/teachers
+    pmafl-teacher vet ~/.cache/pmafl/teachers/digits--cnn-large--62c6365f10.pt
 
 `pretrain` builds the teacher that a run with the given run config (pyproject defaults otherwise)
 looks for, unless the cache already holds it: pre-training takes minutes to a quarter of an hour
@@ -14,6 +15,12 @@ architecture, copies it into the cache under the name a run looks for
 that to the run as `teacher-sha256` so that every node must hold this very file. The teacher's
 settings come from the `.json` record beside the file (as written by another cache) or, for bare
 weights, from `--run-config` (the run the teacher is meant for).
+
+`vet` checks a cached teacher for a backdoor (RobustKD's detection: Neural Cleanse over every
+class, then the MAD outlier test), prints whether it looks backdoored, the suspected target class
+and the feature channels it masks, and writes that detoxification beside the teacher
+(`<name>.vet.pt`, its sha256 under `vet` in the record). Runs with `robustkd-weight` > 0 distil
+from the detoxified teacher; they vet a teacher that has no vet record before round 1.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 from pmafl.config import ConfigError, RunConfig, parse_overrides
 from pmafl.models import create_model
 from pmafl.objectives import needs_teacher
-from pmafl.task import load_data, prepare_teacher, teacher_settings
+from pmafl.task import ensure_vet, load_data, prepare_teacher, teacher_settings, vet_summary
 from pmafl.teacher import (
     TeacherError,
     cache_folder,
@@ -89,6 +96,21 @@ def pretrain(cfg: RunConfig, cache_dir: str) -> tuple[Path, str, dict[str, Any]]
     return path, sha256, json.loads(path.with_suffix(".json").read_text())
 
 
+def vet_file(path: Path, run_config: list[str], steps: int = 300) -> dict[str, Any]:
+    """Vet the teacher at `path` (again, if it was vetted before) on the public split it was
+    trained on (dataset and public fraction from its record; `run_config` may say where the data
+    lives). Returns the vet record."""
+    record = path.with_suffix(".json")
+    if not path.is_file() or not record.is_file():
+        raise TeacherError(f"teacher file {path} or its record {record} does not exist")
+    meta = json.loads(record.read_text())
+    values = {**parse_overrides(run_config), "dataset": meta["dataset"],
+              "public-fraction": meta["settings"]["public_fraction"]}
+    data = load_data(RunConfig.from_mapping(values, where="--run-config"))
+    teacher, _ = load_teacher(path, data.num_classes)
+    return ensure_vet(path, teacher, meta["model"], data, again=True, steps=steps)
+
+
 def show(cache_dir: str) -> list[dict[str, Any]]:
     rows = []
     for record in sorted(cache_folder(cache_dir).glob("*.json")):
@@ -120,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="for a file without a record: the run it is for; " + config_help)
     p_show = sub.add_parser("show", help="list a cache's teachers, checksums and integrity")
     p_show.add_argument("--cache-dir", default="")
+    p_vet = sub.add_parser("vet", help="check a cached teacher for a backdoor and write its "
+                           "detoxification beside it")
+    p_vet.add_argument("file", type=Path, help="the teacher file (with its .json record)")
+    p_vet.add_argument("--steps", type=int, default=300, help="Neural Cleanse steps per class")
+    p_vet.add_argument("--run-config", action="append", default=[],
+                       help="where the teacher's dataset lives (e.g. \"data-dir='...'\"); " + config_help)
     args = parser.parse_args(argv)
     try:
         if args.command == "pretrain":
@@ -138,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Seeded {target}")
             print(f"sha256 {sha256}")
             print(f"Runs that must use exactly this teacher: --run-config \"teacher-sha256='{sha256}'\"")
+        elif args.command == "vet":
+            record = vet_file(args.file, args.run_config, args.steps)
+            norms = ", ".join(f"{c}: {n:.1f}" for c, n in enumerate(record["norms"]))
+            print(f"Teacher {args.file}")
+            print(f"smallest trigger per class (L1 mask norm, pixels): {norms}")
+            print(vet_summary(record))
+            if record["backdoored"]:
+                print(f"masked channels of {record['stage']}: {record['channels']}")
+            print(f"written: {args.file.parent / record['file']} (sha256 {record['sha256']})")
         else:
             rows = show(args.cache_dir)
             for row in rows:

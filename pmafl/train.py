@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pmafl.config import TrainConfig
 from pmafl.kdiga import gradient_alignment, input_gradient
 from pmafl.objectives import OBJECTIVES, StepContext
+from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller, architecture
 
 
 def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:
@@ -49,7 +50,7 @@ def _labels_and_classes(model: nn.Module, loader: DataLoader) -> tuple[torch.Ten
 
 
 def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
-                config: TrainConfig) -> dict[str, float]:
+                config: TrainConfig, features: FeatureDistiller | None = None) -> dict[str, float]:
     """Train `model` in place on `loader` with `config.objective`; return mean loss terms.
 
     `loader` yields `(images, labels)`, `(images, labels, teacher_logits)` or `(images, labels,
@@ -57,8 +58,11 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     gradients on the un-augmented images (`pmafl.kdiga.teacher_input_gradients`), precomputed,
     save teacher passes in every batch. `teacher` is required by the objectives that distil
     (`pmafl`, its ablations, `kdiga`) and ignored by the baselines. With `config.kdiga_weight` > 0
-    those objectives also minimise kdiga_weight * L_GA (`pmafl.kdiga.gradient_alignment`).
-    Training runs on the device that holds `model`.
+    those objectives also minimise kdiga_weight * L_GA (`pmafl.kdiga.gradient_alignment`), and
+    with `config.robustkd_weight` > 0, robustkd_weight * RobustKD's feature term (`features`, a
+    `pmafl.robustkd.FeatureDistiller` whose connectors train along; pass the same one every round
+    to keep them, or None for a fresh one; `teacher` is then the detoxified teacher,
+    `pmafl.teacher.load_detoxified`). Training runs on the device that holds `model`.
     """
     if config.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -69,6 +73,9 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     if config.kdiga_weight > 0 and not objective.needs_teacher:
         raise ValueError(f"kdiga-weight needs an objective that distils from the teacher, got "
                          f"{config.objective!r}")
+    if config.robustkd_weight > 0 and not objective.needs_teacher:
+        raise ValueError(f"robustkd-weight needs an objective that distils from the teacher, got "
+                         f"{config.objective!r}")
     align = config.kdiga_weight > 0
     device = next(model.parameters()).device
     ctx = StepContext(config, model)
@@ -77,7 +84,17 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
         ctx.global_model = copy.deepcopy(model).eval().requires_grad_(False)
     if objective.needs_prior:
         ctx.log_prior = class_log_prior(*_labels_and_classes(model, loader)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    params = list(model.parameters())
+    if config.robustkd_weight > 0:
+        if features is None:
+            dataset = loader.dataset
+            images = torch.stack([dataset[i][0] for i in range(min(MARGIN_IMAGES, len(dataset)))]).to(device)
+            features = FeatureDistiller.build(model, architecture(model), teacher,
+                                              architecture(teacher), images, config.robustkd_noise)
+        features.noise = config.robustkd_noise
+        features.train()
+        params += list(features.parameters())
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     sums: dict[str, float] = defaultdict(float)
     seen = 0
@@ -92,10 +109,13 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
                                 else input_gradient(ctx.teacher, x, y))
                 terms["loss-ga"] = gradient_alignment(model, x, y, teacher_grad)
                 terms["loss"] = terms["loss"] + config.kdiga_weight * terms["loss-ga"]
+            if features is not None and config.robustkd_weight > 0:
+                terms["loss-feat"] = features(model, ctx.teacher, x)
+                terms["loss"] = terms["loss"] + config.robustkd_weight * terms["loss-feat"]
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             for name, value in terms.items():
                 sums[name] += value.item() * len(x)

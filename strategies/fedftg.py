@@ -48,10 +48,11 @@ class FedFTG(RoundLoop, Strategy):
     that ensemble only if the base strategy averaged it (`PMAFL.aggregated`; for a base without
     screening, every reply fit to average) and its label counts have one entry per class and add
     up to its `num-examples`; every other averaged reply is logged with its node id and the reason
-    (and kept in `left_out`). With no member the round's aggregate is returned as it is. The
-    round's metrics gain `fedftg-loss-md`, `-loss-cls`, `-loss-div`, `-loss-kd`, `fedftg-clients`
-    and `fedftg-seconds` (the server's fine-tuning time: the one figure that differs between two
-    runs with one seed).
+    (and kept in `left_out`). A member teaches with its model as the base averaged it: under
+    PMAFL's `clip_factor`, a boosted update teaches clipped, as it was averaged. With no member
+    the round's aggregate is returned as it is. The round's metrics gain `fedftg-loss-md`,
+    `-loss-cls`, `-loss-div`, `-loss-kd`, `fedftg-clients` and `fedftg-seconds` (the server's
+    fine-tuning time: the one figure that differs between two runs with one seed).
 
     Parameters
     ----------
@@ -136,19 +137,20 @@ class FedFTG(RoundLoop, Strategy):
 
     def _ensemble(self, server_round: int, replies: list[Message], counts: dict[int, Any]
                   ) -> list[tuple[ArrayRecord, list[int]]]:
-        """(arrays, label counts) of every reply the base strategy averaged (PMAFL's screened
-        replies; for a base without screening, such as FedAvg, every reply fit to average) whose
-        label counts are valid, in an order fixed by content (as the base's average is): reruns
-        fine-tune bit-identically."""
+        """(arrays as averaged, label counts) of every reply the base strategy averaged (PMAFL's
+        screened replies; for a base without screening, such as FedAvg, every reply fit to
+        average) whose label counts are valid, in an order fixed by content (as the base's
+        average is): reruns fine-tune bit-identically."""
         weighted_by_key = getattr(self.strategy, "weighted_by_key", "num-examples")
         if hasattr(self.strategy, "aggregated"):
             averaged = self.strategy.aggregated
         else:
-            averaged = [msg for msg in replies if not msg.has_error()
+            averaged = [(msg, next(iter(msg.content.array_records.values()))) for msg in replies
+                        if not msg.has_error()
                         and reply_problem(msg.content, self._sent_arrays, weighted_by_key) is None]
-        found: dict[int, list[int]] = {}
+        found: dict[int, tuple[ArrayRecord, list[int]]] = {}
         contents = []
-        for msg in averaged:
+        for msg, arrays in averaged:
             num_examples = next(iter(msg.content.metric_records.values()))[weighted_by_key]
             problem = label_counts_problem(counts[id(msg)], self.num_classes, num_examples)
             if problem:
@@ -158,9 +160,9 @@ class FedFTG(RoundLoop, Strategy):
                 self.left_out.setdefault(server_round, []).append(
                     {"stage": "fedftg", "node": node, "reason": problem})
                 continue
-            found[id(msg.content)] = [int(c) for c in counts[id(msg)]]
+            found[id(msg.content)] = arrays, [int(c) for c in counts[id(msg)]]
             contents.append(msg.content)
-        return [(next(iter(c.array_records.values())), found[id(c)]) for c in canonical_order(contents)]
+        return [found[id(c)] for c in canonical_order(contents)]
 
 
 def _pop_label_counts(msg: Message) -> Any:

@@ -99,7 +99,9 @@ class PMAFL(RoundLoop, FedAvg):
         self._sent_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
         self._claims: dict[tuple[str, int], tuple[int, int]] = {}
-        self.aggregated: list[Message] = []  # the train replies the last round averaged
+        # The train replies the last round averaged, each with its model as it entered the
+        # aggregate (the update clipped when clip_factor is set).
+        self.aggregated: list[tuple[Message, ArrayRecord]] = []
 
     def summary(self) -> None:
         log(INFO, "\t├──> PM-AFL local training (broadcast each round):")
@@ -151,7 +153,6 @@ class PMAFL(RoundLoop, FedAvg):
                     f"{self.failures.get(server_round, [])}")
             return None, None
         self._idle_rounds = 0
-        self.aggregated = valid
         contents = canonical_order([msg.content for msg in valid])
         records = [next(iter(c.array_records.values())) for c in contents]
         if self.clip_factor > 0:
@@ -159,6 +160,8 @@ class PMAFL(RoundLoop, FedAvg):
             if clipped:
                 log(INFO, "round %d: %d of %d updates clipped to %g x the median update norm",
                     server_round, clipped, len(records), self.clip_factor)
+        by_content = {id(c): r for c, r in zip(contents, records, strict=True)}
+        self.aggregated = [(msg, by_content[id(msg.content)]) for msg in valid]
         arrays = robust_aggregate(records, [next(iter(c.metric_records.values()))[self.weighted_by_key]
                                             for c in contents], self.aggregation, self.trim_fraction)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)

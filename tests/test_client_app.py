@@ -144,3 +144,34 @@ def test_train_reply_carries_label_counts_when_fedftg_asks(tmp_path):
     labels = client_split(cfg, load_data(cfg), 3, 10).labels
     assert metrics["label-counts"] == [int((labels == c).sum()) for c in range(10)]
     assert sum(metrics["label-counts"]) == metrics["num-examples"]
+
+
+def test_robustkd_distils_from_the_vetted_teacher_and_keeps_its_connectors(teachers):
+    from pmafl.robustkd import VetResult
+    from pmafl.task import teacher_settings
+    from pmafl.teacher import teacher_path, write_vet
+
+    tmp_path = teachers
+    run = {**RUN, "robustkd-weight": 1.0}
+    cfg = RunConfig.from_mapping(run)
+    msg, _ = instruction(cfg, cfg.train)
+    ctx = context(tmp_path)
+    ctx.run_config = run
+    with pytest.raises(TeacherError, match="pmafl-teacher vet"):
+        train(msg, ctx)
+    mask = torch.zeros(128)
+    mask[:8] = 1.0
+    write_vet(teacher_path(tmp_path, teacher_settings(cfg)),
+              VetResult([5.0] * 10, 3.0, 0, torch.zeros(8, 8), torch.zeros(1, 8, 8), "net.7", mask,
+                        torch.zeros(128)))
+    metrics = train(msg, ctx).content["metrics"]
+    assert metrics["loss-feat"] > 0 and np.isfinite(metrics["loss"])
+    stored = ctx.state["robustkd-connectors"].to_torch_state_dict()
+    assert stored["connectors.0.0.weight"].shape == (64, 32, 1, 1)
+    # The next round starts from the stored connectors, not from fresh ones.
+    fresh = context(tmp_path)
+    fresh.run_config = run
+    zeroed = {k: torch.zeros_like(v) if k.endswith("0.weight") else v for k, v in stored.items()}
+    ctx.state["robustkd-connectors"] = ArrayRecord(torch_state_dict=zeroed)
+    assert train(msg, ctx).content["metrics"]["loss-feat"] != pytest.approx(
+        train(msg, fresh).content["metrics"]["loss-feat"])

@@ -122,3 +122,62 @@ def test_replies_pmafl_leaves_out_stay_out_of_the_ensemble():
     _, metrics = strategy.aggregate_train(1, replies)
     assert "replied 2 times" in {f["node"]: f["reason"] for f in strategy.strategy.failures[1]}[13]
     assert metrics["fedftg-clients"] == 2
+
+
+def recording(strategy):
+    """Keep what the server fine-tunes: the global model it starts from and the client models."""
+    seen = {}
+    finetune = strategy.server.finetune
+
+    def record(global_model, clients, counts, server_round):
+        seen["global"] = {k: v.clone() for k, v in global_model.state_dict().items()}
+        seen["clients"] = [{k: v.clone() for k, v in c.state_dict().items()} for c in clients]
+        return finetune(global_model, clients, counts, server_round)
+
+    strategy.server.finetune = record
+    return seen
+
+
+def test_robust_aggregation_composes_median():
+    """FedFTG around PMAFL(aggregation='median') fine-tunes the coordinate-wise median."""
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2, aggregation="median"))
+    seen = recording(strategy)
+    strategy.aggregate_train(1, replies_to(strategy, GOOD))
+    states = [state(n) for n in NODES]
+    for key, value in seen["global"].items():
+        if value.dtype.is_floating_point:
+            expected = np.median(np.stack([s[key].numpy() for s in states]), axis=0)
+            assert np.allclose(value.numpy(), expected, atol=1e-7), key
+
+
+def test_a_clipped_update_teaches_clipped():
+    """With clip_factor, a boosted update (x100) is clipped in the average and, the same, in the
+    ensemble: the model that teaches is the global model plus the clipped delta."""
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2, clip_factor=2.0))
+    seen = recording(strategy)
+    replies = replies_to(strategy, GOOD)
+    sent, boosted = state(0), state(13)
+    boosted_state = {k: (sent[k] + 100 * (v - sent[k])) if v.dtype.is_floating_point else v
+                     for k, v in boosted.items()}
+    replies[2].content["arrays"] = ArrayRecord(boosted_state)
+    strategy.aggregate_train(1, replies)
+    floats = [k for k, v in sent.items() if v.dtype.is_floating_point]
+
+    def norm(s):
+        return float(torch.sqrt(sum(((s[k].double() - sent[k].double()) ** 2).sum() for k in floats)))
+
+    states = [state(11), state(12), boosted_state]
+    bound = 2.0 * float(np.median([norm(s) for s in states]))
+    assert norm(boosted_state) > bound > max(norm(states[0]), norm(states[1]))
+    scale = bound / norm(boosted_state)
+    clipped = {k: sent[k].double() + scale * (boosted_state[k].double() - sent[k].double()) for k in floats}
+    teachers = [c for c in seen["clients"]
+                if torch.allclose(c["net.0.weight"].double(), clipped["net.0.weight"], atol=1e-5)]
+    assert len(teachers) == 1 and len(seen["clients"]) == 3
+    assert all(torch.allclose(teachers[0][k].double(), clipped[k], atol=1e-5) for k in floats)
+    assert norm(teachers[0]) == pytest.approx(bound, rel=1e-5)
+    # The global model fine-tuning starts from is the weighted mean of the clipped models.
+    manual = weighted_mean([ArrayRecord(state(11)), ArrayRecord(state(12)),
+                            ArrayRecord({k: (clipped[k].float() if k in clipped else v)
+                                         for k, v in boosted_state.items()})], [10, 20, 30])
+    assert all(np.allclose(seen["global"][k].numpy(), manual[k].numpy(), atol=1e-6) for k in floats)

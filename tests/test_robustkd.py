@@ -2,14 +2,19 @@
 salt-and-pepper noise, detoxification, Heo et al.'s margin and partial L2, the outlier test, and
 the detoxified teacher."""
 
+import json
+
 import pytest
 import torch
 
 from pmafl.models import create_model
 from pmafl.robustkd import (
     DetoxifiedTeacher,
+    FeatureDistiller,
+    VetResult,
     activation_margin,
     anomaly_index,
+    architecture,
     benign_pattern,
     detoxify,
     feature_stages,
@@ -103,3 +108,122 @@ def test_neural_cleanse_finds_a_planted_one_pixel_trigger():
                                                    steps=150)
     assert norm < 2.0  # about one pixel
     assert mask.argmax().item() == 35 and pattern[0, -1, -1] > 0.5
+
+
+def test_feature_distiller_is_the_sum_of_partial_l2_over_stages():
+    torch.manual_seed(0)
+    student = create_model("cnn-small", 10, 1, (0.5,), (0.25,))
+    teacher, x = model(), torch.rand(6, 1, 8, 8)
+    features = FeatureDistiller.build(student, "cnn-small", teacher, "cnn-large", x, noise=0.0)
+    assert [conv.weight.shape[:2] for conv, _ in features.connectors] == [(64, 32), (128, 64)]
+    # By hand: each stage's connector output against max(teacher, margin), margins measured here.
+    _, s_feats = stage_features(student, x, ("net.2", "net.7"))
+    _, t_feats = stage_features(teacher, x, ("net.2", "net.7"))
+    features.eval()  # BN of the connector on running statistics, for both computations
+    expected = 0.0
+    for connector, s, t in zip(features.connectors, s_feats, t_feats):
+        margin = activation_margin(t)
+        target = torch.maximum(t, margin.view(1, -1, 1, 1))
+        out = connector(s)
+        keep = ~((out <= target) & (target <= 0))
+        expected = expected + ((out - target) ** 2 * keep).sum() / out.numel()
+    assert features(student, teacher, x).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_feature_distiller_reads_the_detoxified_features():
+    torch.manual_seed(0)
+    student, teacher, x = create_model("cnn-small", 10, 1, (0.5,), (0.25,)), model(), torch.rand(6, 1, 8, 8)
+    stage = feature_stages("cnn-large")[-1]
+    mask = torch.ones(128)
+    pattern = torch.full((128,), 7.0)
+    detox = DetoxifiedTeacher(teacher, stage, mask, pattern)
+    features = FeatureDistiller.build(student, "cnn-small", detox, "cnn-large", x, noise=0.0)
+    assert features.teacher_stages == ("teacher.net.2", "teacher.net.7")
+    # Every channel of the last stage replaced by 7 (never negative): its margins are 0.
+    assert torch.equal(features.margins[64:], torch.zeros(128))
+    assert architecture(detox) == "cnn-large" and architecture(student) == "cnn-small"
+
+
+def test_pmafl_train_adds_the_feature_term_and_trains_the_connectors():
+    from pmafl.config import TrainConfig
+    from pmafl.data import make_loader
+    from pmafl.train import pmafl_train
+
+    torch.manual_seed(0)
+    student, teacher = create_model("cnn-small", 10, 1, (0.5,), (0.25,)), model()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    features = FeatureDistiller.build(student, "cnn-small", teacher, "cnn-large", x)
+    before = features.connectors[0][0].weight.clone()
+    config = TrainConfig(objective="kdiga", local_epochs=1, robustkd_weight=1.0)
+    metrics = pmafl_train(student, teacher, make_loader(x, y, batch_size=8, shuffle=False), config, features)
+    assert metrics["loss-feat"] > 0
+    assert metrics["loss"] == pytest.approx(0.5 * metrics["loss-ce"] + 0.5 * metrics["loss-kl"]
+                                            + metrics["loss-feat"], rel=1e-5)
+    assert not torch.equal(before, features.connectors[0][0].weight)
+    # Without a distiller, pmafl_train builds one from the models' architectures.
+    loader = make_loader(x, y, batch_size=8, shuffle=False)
+    assert "loss-feat" in pmafl_train(student, teacher, loader, config)
+    with pytest.raises(ValueError, match="robustkd-weight needs an objective"):
+        pmafl_train(student, None, make_loader(x, y, batch_size=8, shuffle=False),
+                    TrainConfig(objective="ce", robustkd_weight=1.0))
+
+
+def test_detoxified_teacher_checks_the_mask_length():
+    with pytest.raises(ValueError, match="stage net.7 has 128 channels, the mask 64"):
+        DetoxifiedTeacher(model(), "net.7", torch.zeros(64), torch.zeros(64))
+
+
+def vetted(tmp_path, channels=(3, 5)):
+    """A saved cnn-large teacher with a vet record written by hand (no Neural Cleanse)."""
+    from pmafl.config import RunConfig
+    from pmafl.task import teacher_settings
+    from pmafl.teacher import save_teacher, teacher_path, write_vet
+
+    settings = teacher_settings(RunConfig())
+    net = model()
+    path = teacher_path(tmp_path, settings)
+    save_teacher(net, path, {"model": "cnn-large", "dataset": "digits", "num_classes": 10,
+                             "in_channels": 1, "mean": [0.5], "std": [0.25], "settings": settings})
+    mask = torch.zeros(128)
+    mask[list(channels)] = 1.0
+    result = VetResult(norms=[5.0] + [12.0] * 9, anomaly_index=4.0, target=0,
+                       trigger_mask=torch.zeros(8, 8), trigger_pattern=torch.zeros(1, 8, 8),
+                       stage="net.7", mask=mask, pattern=torch.full((128,), 0.5))
+    return net, path, write_vet(path, result)
+
+
+def test_a_vet_record_round_trips_and_a_tampered_one_is_refused(tmp_path):
+    from pmafl.teacher import TeacherError, load_detoxified, load_teacher, vet_path
+
+    net, path, record = vetted(tmp_path)
+    assert record["backdoored"] and record["channels"] == [3, 5] and record["target"] == 0
+    teacher, sha256 = load_teacher(path, 10)  # the teacher's own checksum still verifies
+    detox, got = load_detoxified(path, teacher)
+    assert got == record
+    x = torch.rand(4, 1, 8, 8)
+    _, (features,) = stage_features(detox.teacher, x, ["net.7"])
+    assert torch.equal(features[:, [3, 5]], torch.full((4, 2, 4, 4), 0.5))
+    _, (original,) = stage_features(net, x, ["net.7"])
+    assert torch.allclose(features[:, :3], original[:, :3])
+    vet_path(path).write_bytes(vet_path(path).read_bytes()[:-10])
+    with pytest.raises(TeacherError, match="does not match the sha256"):
+        load_detoxified(path, teacher)
+
+
+def test_an_unvetted_teacher_is_refused_with_the_command_to_run(tmp_path):
+    from pmafl.teacher import TeacherError, load_detoxified, load_teacher, save_teacher
+
+    _, path, _ = vetted(tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["vet"]
+    save_teacher(model(), path, meta)
+    with pytest.raises(TeacherError, match="pmafl-teacher vet"):
+        load_detoxified(path, load_teacher(path, 10)[0])
+
+
+def test_robustkd_weight_needs_a_distilling_objective():
+    from pmafl.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="key 'robustkd-weight'"):
+        RunConfig.from_mapping({"objective": "pgd-at", "robustkd-weight": 1.0})
+    assert RunConfig.from_mapping({"robustkd-weight": 1.0}).train.robustkd_weight == 1.0
