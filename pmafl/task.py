@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from pmafl.data import (
 )
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
-from pmafl.robustkd import ANOMALY_THRESHOLD, VET_IMAGES, vet
+from pmafl.robustkd import ANOMALY_THRESHOLD, MAX_NORM_RATIO, VET_IMAGES, vet
 from pmafl.teacher import (
     TeacherError,
     ensure_teacher,
@@ -160,8 +161,11 @@ def vet_summary(record: dict) -> str:
     verdict = (f"looks BACKDOORED, suspected target class {record['target']}, "
                f"{len(record['channels'])} channels of {record['stage']} masked"
                if record["backdoored"] else "looks clean, nothing masked")
-    return (f"{verdict} (anomaly index {record['anomaly_index']:.2f}, threshold "
-            f"{ANOMALY_THRESHOLD:g}; smallest trigger for class {record['target']})")
+    median = statistics.median(record["norms"])
+    return (f"{verdict} (anomaly index {record['anomaly_index']:.2f}, flagged above "
+            f"{ANOMALY_THRESHOLD:g}; smallest trigger {min(record['norms']):.1f} pixels, class "
+            f"{record['target']}, against a median of {median:.1f}: flagged at most "
+            f"{MAX_NORM_RATIO:g}x)")
 
 
 @functools.lru_cache(maxsize=4)

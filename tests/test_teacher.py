@@ -201,3 +201,34 @@ def test_a_truncated_teacher_with_a_matching_record_is_refused_by_name(tmp_path)
     write_record(path, META)
     with pytest.raises(TeacherError, match=f"teacher file {path} is not a plain state dict"):
         load_teacher(path, 10)
+
+
+def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, capsys):
+    """The wiring of `pmafl-teacher vet` (a few Neural Cleanse steps; whether it detects a planted
+    backdoor is tested in test_robustkd.py): it prints the verdict, writes the vet file and its
+    sha256 into the record, and a run with robustkd-weight then loads the detoxified teacher."""
+    from pmafl.robustkd import DetoxifiedTeacher
+    from pmafl.teacher_cli import main
+
+    overrides = "teacher-model='cnn-small' teacher-objective='ce' teacher-epochs=1"
+    assert main(["pretrain", "--cache-dir", str(tmp_path), "--run-config", overrides]) == 0
+    cfg = RunConfig.from_mapping({"teacher-model": "cnn-small", "teacher-objective": "ce",
+                                  "teacher-epochs": 1, "teacher-cache-dir": str(tmp_path),
+                                  "robustkd-weight": 1.0})
+    path = teacher_path(tmp_path, teacher_settings(cfg))
+    sha256 = file_sha256(path)
+    with pytest.raises(TeacherError, match="has not been vetted"):
+        get_teacher(cfg, load_dataset("digits"))
+    capsys.readouterr()
+    assert main(["vet", str(path), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(path.with_suffix(".json").read_text())
+    vet = record["vet"]
+    assert record["sha256"] == sha256 == file_sha256(path)  # the teacher file is untouched
+    assert vet["sha256"] == file_sha256(path.with_suffix(".vet.pt")) and len(vet["norms"]) == 10
+    assert ("looks BACKDOORED" if vet["backdoored"] else "looks clean") in out
+    assert f"written: {path.with_suffix('.vet.pt')}" in out
+    teacher, key = get_teacher(cfg, load_dataset("digits"))
+    assert isinstance(teacher, DetoxifiedTeacher) and key == f"{sha256}+vet:{vet['sha256']}"
+    assert main(["vet", str(tmp_path / "absent.pt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
