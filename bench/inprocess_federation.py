@@ -10,6 +10,7 @@ fine-tuning time as a ratio to the slowest client's local training and to the wh
     python bench/inprocess_federation.py --rounds 30 --set server-finetune=fedftg --set dirichlet-alpha=0.1
     python bench/inprocess_federation.py --malicious 2 --attack scale --set aggregation=median
     python bench/inprocess_federation.py --set backdoor-rate=0.1      # the ASR a backdoored teacher hands on
+    python bench/inprocess_federation.py --set backdoor-rate=0.1 --set robustkd-weight=1   # with RobustKD
 
 `--malicious N --attack ...` makes the first N clients malicious, and the server aggregates as
 the `aggregation`, `trim-fraction` and `clip-factor` keys say, with the strategy's own functions.
@@ -33,6 +34,7 @@ from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
 from pmafl.fedftg import label_counts
 from pmafl.objectives import needs_teacher
+from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller
 from pmafl.task import (
     backdoor_trigger,
     build_fedftg,
@@ -42,7 +44,9 @@ from pmafl.task import (
     eval_split,
     load_data,
     prepare_teacher,
+    vet_summary,
 )
+from pmafl.teacher import load_detoxified
 from pmafl.train import pmafl_train, warmup_eps
 from strategies.strategy_utils import clip_updates, robust_aggregate
 
@@ -83,7 +87,12 @@ def main() -> None:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
     global_model = build_model(cfg, data)
-    teacher = prepare_teacher(cfg, data)[0] if needs_teacher(cfg.train.objective) else None
+    teacher = None
+    if needs_teacher(cfg.train.objective):
+        teacher, _, path = prepare_teacher(cfg, data)  # vets it first, with robustkd-weight > 0
+        if cfg.train.robustkd_weight > 0:
+            teacher, record = load_detoxified(path, teacher)
+            print(f"teacher {path.name}: {vet_summary(record)}")
     clients = []  # each client's (images, labels[, teacher logits]): the logits never change
     for pid in range(args.clients):
         tensors = list(client_split(cfg, data, pid, args.clients).tensors())
@@ -100,6 +109,7 @@ def main() -> None:
         fedftg = build_fedftg(cfg, data)
         counts = torch.tensor([label_counts(t[1], data.num_classes) for t in clients], dtype=torch.float64)
     times = {"slowest": 0.0, "server": 0.0, "round": 0.0}
+    features: dict[int, FeatureDistiller] = {}
     print(f"in-process federation: {args.clients} clients ({args.malicious} malicious: {args.attack}), "
           f"{args.rounds} rounds, overrides {overrides}")
     start = time.time()
@@ -113,7 +123,10 @@ def main() -> None:
             loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=pid)
             train_config = dataclasses.replace(
                 cfg.train, eps=warmup_eps(cfg.train.eps, cfg.eps_warmup_rounds, server_round))
-            metrics = pmafl_train(model, teacher, loader, train_config)
+            if cfg.train.robustkd_weight > 0 and pid not in features:  # connectors stay with the client
+                features[pid] = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
+                                                       tensors[0][:MARGIN_IMAGES], cfg.train.robustkd_noise)
+            metrics = pmafl_train(model, teacher, loader, train_config, features.get(pid))
             states.append(model.state_dict())
             weights.append(metrics["num-examples"])
             models.append(model)

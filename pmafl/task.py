@@ -28,7 +28,7 @@ from pmafl.data import (
 )
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
-from pmafl.robustkd import ANOMALY_THRESHOLD, MAX_NORM_RATIO, VET_IMAGES, vet
+from pmafl.robustkd import ANOMALY_THRESHOLD, MAX_NORM_RATIO, VET_IMAGES, VET_STEPS, vet
 from pmafl.teacher import (
     TeacherError,
     ensure_teacher,
@@ -140,7 +140,7 @@ def prepare_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
 
 
 def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedData,
-               again: bool = False, steps: int = 300) -> dict:
+               again: bool = False, steps: int = VET_STEPS) -> dict:
     """The vet record of the teacher at `path` (RobustKD's detection and detoxification, written
     beside it), vetting it first when it has none (or `again`): Neural Cleanse with `steps` steps
     per class on the public split's first `VET_IMAGES` images, which every node's copy of the

@@ -36,6 +36,7 @@ import torch
 from pmafl.config import ConfigError, RunConfig, parse_overrides
 from pmafl.models import create_model
 from pmafl.objectives import needs_teacher
+from pmafl.robustkd import VET_STEPS
 from pmafl.task import ensure_vet, load_data, prepare_teacher, teacher_settings, vet_summary
 from pmafl.teacher import (
     TeacherError,
@@ -96,7 +97,7 @@ def pretrain(cfg: RunConfig, cache_dir: str) -> tuple[Path, str, dict[str, Any]]
     return path, sha256, json.loads(path.with_suffix(".json").read_text())
 
 
-def vet_file(path: Path, run_config: list[str], steps: int = 300) -> dict[str, Any]:
+def vet_file(path: Path, run_config: list[str], steps: int = VET_STEPS) -> dict[str, Any]:
     """Vet the teacher at `path` (again, if it was vetted before) on the public split it was
     trained on (dataset and public fraction from its record; `run_config` may say where the data
     lives). Returns the vet record."""
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p_vet = sub.add_parser("vet", help="check a cached teacher for a backdoor and write its "
                            "detoxification beside it")
     p_vet.add_argument("file", type=Path, help="the teacher file (with its .json record)")
-    p_vet.add_argument("--steps", type=int, default=300, help="Neural Cleanse steps per class")
+    p_vet.add_argument("--steps", type=int, default=VET_STEPS,
+                       help=f"Neural Cleanse steps per class (default {VET_STEPS})")
     p_vet.add_argument("--run-config", action="append", default=[],
                        help="where the teacher's dataset lives (e.g. \"data-dir='...'\"); " + config_help)
     args = parser.parse_args(argv)
