@@ -26,6 +26,7 @@ from pmafl.data import DATASETS
 from pmafl.fedftg import LABEL_COUNTS, VARIANTS
 from pmafl.models import is_known_model, model_names
 from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
+from pmafl.robustkd import FEATURE_STAGES
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
@@ -296,6 +297,10 @@ class RunConfig:
             raise ConfigError(f"{where} key 'robustkd-weight': feature distillation needs an "
                               f"objective that distils from the teacher, got objective "
                               f"{cfg.train.objective!r}")
+        for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
+            if cfg.train.robustkd_weight > 0 and name not in FEATURE_STAGES:
+                raise ConfigError(f"{where} key '{key}': robustkd-weight needs a model whose "
+                                  f"feature stages are known ({', '.join(FEATURE_STAGES)}), got {name!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "

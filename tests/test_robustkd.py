@@ -229,6 +229,8 @@ def test_robustkd_weight_needs_a_distilling_objective():
     with pytest.raises(ConfigError, match="key 'robustkd-weight'"):
         RunConfig.from_mapping({"objective": "pgd-at", "robustkd-weight": 1.0})
     assert RunConfig.from_mapping({"robustkd-weight": 1.0}).train.robustkd_weight == 1.0
+    with pytest.raises(ConfigError, match="key 'model': robustkd-weight needs a model whose feature"):
+        RunConfig.from_mapping({"model": "resnet18", "robustkd-weight": 1.0})
 
 
 def test_trigger_region_is_the_mask_widened_by_the_receptive_field():

@@ -232,3 +232,22 @@ def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, caps
     assert isinstance(teacher, DetoxifiedTeacher) and key == f"{sha256}+vet:{vet['sha256']}"
     assert main(["vet", str(tmp_path / "absent.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_vetted_teacher_is_seeded_with_its_detoxification(tmp_path):
+    from pmafl.robustkd import VetResult
+    from pmafl.teacher import load_detoxified, vet_path, write_vet
+    from pmafl.teacher_cli import seed
+
+    _, source, sha256 = saved_teacher(tmp_path / "elsewhere")
+    mask = torch.zeros(32, 8, 8)
+    mask[1] = 1.0
+    vet = write_vet(source, VetResult([4.0] + [10.0] * 9, 5.0, 0, torch.zeros(8, 8),
+                                      torch.zeros(1, 8, 8), "net.2", mask, torch.zeros(32, 8, 8)))
+    target, _ = seed(source, str(tmp_path / "node"))
+    assert vet_path(target).read_bytes() == vet_path(source).read_bytes()
+    detox, record = load_detoxified(target, load_teacher(target, 10, sha256)[0])
+    assert record["sha256"] == vet["sha256"] and record["channels"] == [1]
+    vet_path(source).write_bytes(b"tampered")
+    with pytest.raises(TeacherError, match="vet file .* does not match"):
+        seed(source, str(tmp_path / "other"))
