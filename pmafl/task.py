@@ -158,14 +158,15 @@ def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedD
 
 def vet_summary(record: dict) -> str:
     """One line on a vet record."""
-    verdict = (f"looks BACKDOORED, suspected target class {record['target']}, "
-               f"{len(record['channels'])} channels of {record['stage']} masked"
-               if record["backdoored"] else "looks clean, nothing masked")
-    median = statistics.median(record["norms"])
-    return (f"{verdict} (anomaly index {record['anomaly_index']:.2f}, flagged above "
-            f"{ANOMALY_THRESHOLD:g}; smallest trigger {min(record['norms']):.1f} pixels, class "
-            f"{record['target']}, against a median of {median:.1f}: flagged at most "
-            f"{MAX_NORM_RATIO:g}x)")
+    smallest, median = min(record["norms"]), statistics.median(record["norms"])
+    evidence = (f"class {record['target']} needs a {smallest:.1f}-pixel trigger, "
+                f"{smallest / max(median, 1e-12):.2f}x the median class's {median:.1f} (flagged at most "
+                f"{MAX_NORM_RATIO:g}x), anomaly index {record['anomaly_index']:.2f} (flagged above "
+                f"{ANOMALY_THRESHOLD:g})")
+    if record["backdoored"]:
+        return (f"looks BACKDOORED: {evidence}; {len(record['channels'])} channels of "
+                f"{record['stage']} masked")
+    return f"looks clean: {evidence}; nothing masked"
 
 
 @functools.lru_cache(maxsize=4)
