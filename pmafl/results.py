@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pmafl.config import documented_defaults
 from pmafl.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,7 +58,8 @@ def save_checkpoint(folder: Path, server_round: int, state_dict: dict[str, torch
 
 def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint in results folder (or file) `path`, checked against the resuming run's
-    `config`: {"folder", "round", "model", "rounds", "config", "server_state"}."""
+    `config`: {"folder", "round", "model", "rounds", "config", "server_state"}. A key the
+    checkpoint lacks (added to pmafl after it was written) counts as its default."""
     path = Path(path).expanduser()
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.is_file():
@@ -70,8 +72,10 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same answer
         raise CheckpointError(f"run config key 'resume-from': {file} is not a readable checkpoint "
                               f"({type(e).__name__}: {e})") from e
+    # A key the checkpoint predates was its default then: older checkpoints still resume.
+    defaults = documented_defaults()
     for key in sorted(set(saved) | set(config)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != config.get(key):
+        if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != config.get(key):
             raise CheckpointError(f"run config key '{key}' is {config.get(key)!r} but the checkpoint "
                                   f"{file} was written with {saved.get(key)!r}; resume with the "
                                   "interrupted run's config")

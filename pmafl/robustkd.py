@@ -214,6 +214,8 @@ def detox_channels(teacher: nn.Module, stage: str, images: torch.Tensor, trigger
         _, (bad,) = stage_features(teacher, triggered, [stage])
         pattern = clean.mean(dim=0)
         region = trigger_region(trigger_mask, tuple(clean.shape[-2:]))
+        if region.sum() == 0:  # no pixel of the trigger above the threshold: the whole map
+            region = torch.ones_like(region)
         inside = region.flatten() > 0
         clean_r = clean.flatten(2)[:, :, inside].transpose(0, 1).flatten(1)
         bad_r = bad.flatten(2)[:, :, inside].transpose(0, 1).flatten(1)
@@ -269,10 +271,13 @@ class DetoxifiedTeacher(nn.Module):
         self.register_buffer("pattern", pattern.float().clone())
         module = dict(self.teacher.named_modules())[stage]
         channels = getattr(module, "out_channels", len(mask))
-        if len(mask) != channels or len(pattern) != channels:
-            raise ValueError(f"stage {stage} has {channels} channels, the mask {len(mask)} and the "
-                             f"pattern {len(pattern)}")
-        module.register_forward_hook(lambda _m, _i, out: detoxify(out, self.mask, self.pattern))
+        if len(mask) != channels or mask.shape != pattern.shape:
+            raise ValueError(f"stage {stage} has {channels} channels; the mask has shape "
+                             f"{tuple(mask.shape)} and the pattern {tuple(pattern.shape)}")
+        module.register_forward_hook(self._detoxify)
+
+    def _detoxify(self, _module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return detoxify(out, self.mask, self.pattern)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)

@@ -197,40 +197,49 @@ def vet_path(path: Path) -> Path:
 
 
 def write_vet(path: Path, result: VetResult) -> dict[str, Any]:
-    """Store `result` beside the teacher at `path` and summarise it, with the vet file's sha256,
-    under `vet` in the teacher's record (the teacher's own sha256 stays as it was)."""
+    """Store `result` beside the teacher at `path` (bound to it by the teacher's sha256, which
+    the vet file holds) and summarise it, with the vet file's sha256, under `vet` in the
+    teacher's record (the teacher's own sha256 stays as it was)."""
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
-    if file_sha256(path) != meta.get("sha256"):
+    sha256 = file_sha256(path)
+    if sha256 != meta.get("sha256"):
         raise TeacherError(f"teacher file {path} does not match its record: not vetting it")
     tensors = {"mask": result.mask, "pattern": result.pattern, "trigger_mask": result.trigger_mask,
                "trigger_pattern": result.trigger_pattern, "norms": torch.tensor(result.norms)}
+    payload = {"teacher_sha256": sha256, "stage": result.stage,
+               **{k: v.detach().cpu() for k, v in tensors.items()}}
     out = vet_path(path)
-    write_atomic(out, lambda f: torch.save({k: v.detach().cpu() for k, v in tensors.items()}, f))
-    meta["vet"] = {"file": out.name, "sha256": file_sha256(out), "backdoored": result.backdoored,
-                   "anomaly_index": result.anomaly_index, "target": result.target,
-                   "norms": [round(n, 3) for n in result.norms], "stage": result.stage,
-                   "channels": result.channels}
+    write_atomic(out, lambda f: torch.save(payload, f))
+    meta["vet"] = {"file": out.name, "sha256": file_sha256(out), "teacher_sha256": sha256,
+                   "backdoored": result.backdoored, "anomaly_index": result.anomaly_index,
+                   "target": result.target, "norms": [round(n, 3) for n in result.norms],
+                   "stage": result.stage, "channels": result.channels}
     write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return meta["vet"]
 
 
 def load_detoxified(path: Path, teacher: nn.Module) -> tuple[DetoxifiedTeacher, dict[str, Any]]:
     """The loaded `teacher` (from the file `path`) wrapped with its recorded detoxification, and
-    the record's `vet` summary. A missing vet record or file, or a file whose sha256 differs from
-    the record, is refused."""
+    the record's `vet` summary. Refused: a missing vet record or file, a vet file whose sha256
+    differs from the record, or one written for another teacher file."""
     meta = json.loads(path.with_suffix(".json").read_text())
     vet = meta.get("vet")
     if vet is None:
         raise TeacherError(f"teacher file {path} has not been vetted (no 'vet' in its record): run "
                            f"`pmafl-teacher vet {path}` before a run with robustkd-weight > 0")
-    file = path.parent / vet["file"]
-    if not file.is_file() or file_sha256(file) != vet["sha256"]:
+    file = vet_path(path)
+    if not file.is_file() or file_sha256(file) != vet.get("sha256"):
         raise TeacherError(f"vet file {file} is missing or does not match the sha256 in "
                            f"{path.with_suffix('.json')}: vet the teacher again")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-        detoxified = DetoxifiedTeacher(teacher, vet["stage"], state["mask"], state["pattern"])
+        if state["teacher_sha256"] != file_sha256(path):
+            raise TeacherError(f"vet file {file} was written for another teacher file (sha256 "
+                               f"{state['teacher_sha256']}): vet this teacher again")
+        detoxified = DetoxifiedTeacher(teacher, state["stage"], state["mask"], state["pattern"])
+    except TeacherError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file gets the same answer
         raise TeacherError(f"vet file {file} does not fit the teacher: {type(e).__name__}: {e}") from e
     device = next(teacher.parameters()).device

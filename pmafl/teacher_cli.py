@@ -85,7 +85,7 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
     meta = {k: v for k, v in meta.items() if k not in ("sha256", "file")}
     meta["seeded_from"] = str(source.resolve())
     if "vet" in meta:  # a vetted teacher travels with its detoxification
-        vet_source = source.parent / meta["vet"]["file"]
+        vet_source = vet_path(source)
         if not vet_source.is_file() or file_sha256(vet_source) != meta["vet"]["sha256"]:
             raise TeacherError(f"vet file {vet_source} is missing or does not match the sha256 in "
                                f"{record}: vet the teacher again")

@@ -190,3 +190,14 @@ def test_a_checkpoint_that_pickles_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path, RunConfig().to_dict())
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_older_than_a_key_resumes_at_that_keys_default(tmp_path):
+    """A checkpoint written before `robustkd-weight` existed holds no such key: it resumes a run
+    that leaves the key at its default, and is refused for one that sets it."""
+    config = RunConfig().to_dict()
+    older = {k: v for k, v in config.items() if k != "robustkd-weight"}
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, [{"round": 1}], older)
+    assert load_checkpoint(tmp_path, config)["round"] == 1
+    with pytest.raises(CheckpointError, match="'robustkd-weight' is 1.0 but the checkpoint"):
+        load_checkpoint(tmp_path, RunConfig.from_mapping({"robustkd-weight": 1.0}).to_dict())
