@@ -34,7 +34,7 @@ from pmafl.data import make_loader
 from pmafl.evaluate import evaluate
 from pmafl.fedftg import label_counts
 from pmafl.objectives import needs_teacher
-from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller
+from pmafl.robustkd import FeatureDistiller
 from pmafl.task import (
     backdoor_trigger,
     build_fedftg,
@@ -125,7 +125,7 @@ def main() -> None:
                 cfg.train, eps=warmup_eps(cfg.train.eps, cfg.eps_warmup_rounds, server_round))
             if cfg.train.robustkd_weight > 0 and pid not in features:  # connectors stay with the client
                 features[pid] = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
-                                                       tensors[0][:MARGIN_IMAGES], cfg.train.robustkd_noise)
+                                                       tensors[0], cfg.train.robustkd_noise)
             metrics = pmafl_train(model, teacher, loader, train_config, features.get(pid))
             states.append(model.state_dict())
             weights.append(metrics["num-examples"])

@@ -20,7 +20,7 @@ from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.fedftg import LABEL_COUNTS, label_counts
 from pmafl.kdiga import teacher_input_gradients
 from pmafl.objectives import needs_teacher
-from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller
+from pmafl.robustkd import FeatureDistiller
 from pmafl.task import (
     build_model,
     client_seed,
@@ -76,7 +76,7 @@ def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.
     with torch.random.fork_rng(devices=[]):  # the connectors' first weights: seeded, RNG untouched
         torch.manual_seed(seed)
         features = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
-                                          images[:MARGIN_IMAGES], train_config.robustkd_noise)
+                                          images, train_config.robustkd_noise)
     if "robustkd-connectors" in context.state:
         features.load_state_dict(context.state["robustkd-connectors"].to_torch_state_dict())
     return features.to(images.device)

@@ -298,13 +298,12 @@ class RunConfig:
                               f"objective that distils from the teacher, got objective "
                               f"{cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
-            if cfg.train.robustkd_weight > 0 and name not in FEATURE_STAGES:
-                raise ConfigError(f"{where} key '{key}': robustkd-weight needs a model whose "
-                                  f"feature stages are known ({', '.join(FEATURE_STAGES)}), got {name!r}")
-        for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "
                                   f"got {name!r}")
+            if cfg.train.robustkd_weight > 0 and name not in FEATURE_STAGES:
+                raise ConfigError(f"{where} key '{key}': robustkd-weight needs a model whose "
+                                  f"feature stages are known ({', '.join(FEATURE_STAGES)}), got {name!r}")
         if cfg.min_available_nodes < cfg.min_train_nodes:
             raise ConfigError(f"{where} key 'min-available-nodes': expected >= min-train-nodes "
                               f"({cfg.min_train_nodes}), got {cfg.min_available_nodes}")

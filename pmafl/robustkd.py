@@ -313,8 +313,9 @@ class FeatureDistiller(nn.Module):
     @classmethod
     def build(cls, student: nn.Module, student_name: str, teacher: nn.Module, teacher_name: str,
               images: torch.Tensor, noise: float = 0.1) -> FeatureDistiller:
-        """A distiller for this pair, its margins measured on the teacher's features of the clean
-        `images` (a client's own data)."""
+        """A distiller for this pair, its margins measured on the teacher's features of the first
+        `MARGIN_IMAGES` of the clean `images` (a client's own data)."""
+        images = images[:MARGIN_IMAGES]
         s_stages, t_stages = feature_stages(student_name), feature_stages(teacher_name)
         t_stages = tuple(_inner(teacher) + name for name in t_stages)
         was_training = student.training

@@ -177,7 +177,12 @@ def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
             f"no teacher for this run's settings at {path}: pre-train it before the run with "
             f"`pmafl-teacher pretrain --run-config \"...\"` (the run's config), or seed it with "
             "`pmafl-teacher seed FILE --cache-dir DIR`")
-    return load_teacher(path, data.num_classes, cfg.teacher_sha256, device, teacher_settings(cfg))
+    teacher, sha256 = load_teacher(path, data.num_classes, cfg.teacher_sha256, device,
+                                   teacher_settings(cfg))
+    if cfg.train.robustkd_weight > 0:
+        teacher, record = load_detoxified(path, teacher)
+        sha256 = f"{sha256}+vet:{record['sha256']}"
+    return teacher, sha256
 
 
 def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
@@ -187,8 +192,4 @@ def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
     prepare it. With `robustkd-weight` > 0 it is the detoxified teacher (its recorded vet), and the
     checksum covers the vet file too."""
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, teacher_settings(cfg))
-    teacher, sha256 = _cached_teacher(path, data, cfg, device or torch.device("cpu"))
-    if cfg.train.robustkd_weight > 0:
-        teacher, record = load_detoxified(path, teacher)
-        sha256 = f"{sha256}+vet:{record['sha256']}"
-    return teacher, sha256
+    return _cached_teacher(path, data, cfg, device or torch.device("cpu"))

@@ -44,6 +44,7 @@ from pmafl.teacher import (
     cache_folder,
     copy_teacher,
     file_sha256,
+    load_detoxified,
     load_teacher,
     teacher_path,
     vet_path,
@@ -84,12 +85,9 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
     target = teacher_path(cache_dir, meta["settings"])
     meta = {k: v for k, v in meta.items() if k not in ("sha256", "file")}
     meta["seeded_from"] = str(source.resolve())
-    if "vet" in meta:  # a vetted teacher travels with its detoxification
-        vet_source = vet_path(source)
-        if not vet_source.is_file() or file_sha256(vet_source) != meta["vet"]["sha256"]:
-            raise TeacherError(f"vet file {vet_source} is missing or does not match the sha256 in "
-                               f"{record}: vet the teacher again")
-        write_atomic(vet_path(target), lambda f: f.write(vet_source.read_bytes()))
+    if "vet" in meta:  # a vetted teacher travels with its detoxification, checked first
+        load_detoxified(source, net)
+        write_atomic(vet_path(target), lambda f: f.write(vet_path(source).read_bytes()))
         meta["vet"] = {**meta["vet"], "file": vet_path(target).name}
     sha256 = copy_teacher(source, target, meta)
     # The cache now verifies it like a run does.
