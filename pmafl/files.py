@@ -17,10 +17,15 @@ def cache_root() -> Path:
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temporary file in the same folder, fsync it and rename it over `path`: a
-    crash at any moment leaves either the old file or the new one, never a half-written file."""
+    crash at any moment leaves either the old file or the new one, never a half-written file. The
+    file gets the mode of any new file (0o666 less the umask), not mkstemp's private 0o600: a
+    teacher or model copied into a container must stay readable by the user the container runs as."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

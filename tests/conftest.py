@@ -15,6 +15,6 @@ def flower_task_identity():
 @pytest.fixture
 def app(tmp_path):
     """A copy of the app without .venv, results/ or caches: what `flwr run` would package."""
-    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr", ".*cache")
+    skip = shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", ".flwr", ".*cache", "wheels")
     shutil.copytree(Path(__file__).resolve().parents[1], tmp_path / "app", ignore=skip)
     return tmp_path / "app"

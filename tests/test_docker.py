@@ -64,7 +64,7 @@ def kind(spec):
         name, version = image[len("flwr/"):].split(":")
         assert version == FLWR_VERSION, f"{image}: the app pins flwr {FLWR_VERSION}"
         return name
-    assert spec["build"]["dockerfile"] == "docker/Dockerfile"
+    assert image.startswith("pmafl-superexec:"), f"{image}: not an image of docker/Dockerfile"
     return "superexec"
 
 
@@ -103,6 +103,14 @@ def test_compose_stack_is_consistent(stack, credential_files):
                 assert source in model.get("volumes", {}), f"{name}: volume {source} not declared"
         for dependency in spec.get("depends_on", []):
             assert dependency in services
+    # Each app image is built by exactly one service (not once per service that runs it).
+    builders = {}
+    for name, spec in services.items():
+        if "build" in spec:
+            assert spec["build"]["dockerfile"] == "docker/Dockerfile"
+            builders.setdefault(spec["image"], []).append(name)
+    assert all(len(names) == 1 for names in builders.values()), builders
+    assert {s["image"] for s in services.values() if s["image"].startswith("pmafl-")} == set(builders)
 
     superlinks = [a for k, a in args.values() if k == "superlink"]
     supernodes = {n: a for n, (k, a) in args.items() if k == "supernode"}
@@ -141,19 +149,21 @@ def test_compose_stack_is_consistent(stack, credential_files):
         for node in supernodes.values():
             assert node.auth_supernode_private_key.startswith("/keys/")
     if "state" in stack:
-        assert link.database == "/state/state.db"
+        # On /app, which the image's user owns: a fresh volume elsewhere would belong to root.
+        assert link.database == "/app/state.db" and "superlink-state:/app" in services["superlink"]["volumes"]
     if stack == "gpu":
         for name, spec in services.items():
             if name.startswith("superexec-clientapp"):
                 [device] = spec["deploy"]["resources"]["reservations"]["devices"]
-                assert device["capabilities"] == ["gpu"] and "cu" in spec["build"]["args"]["TORCH_INDEX"]
+                assert device["capabilities"] == ["gpu"] and spec["image"] == "pmafl-superexec:cuda"
+        assert "cu" in services["superexec-clientapp-0"]["build"]["args"]["TORCH_INDEX"]
 
 
 def test_dockerfile_builds_on_the_pinned_superexec_image_and_copies_what_exists():
     text = (DOCKER / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={FLWR_VERSION}" in text and "FROM flwr/superexec:${FLWR_VERSION}" in text
     root = DOCKER.parent
-    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, flags=re.M):
+    for source in re.findall(r"^COPY (?!.*--from=)(?:--\S+ )*(.+) \S+$", text, flags=re.M):
         for path in source.split():
             assert (root / path).exists(), f"Dockerfile copies {path}, which does not exist"
 

@@ -1,6 +1,8 @@
 """The teacher cache: round trip, tamper and mismatch detection, build-once."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -39,6 +41,18 @@ def test_round_trip_restores_weights_and_freezes_the_teacher(tmp_path):
     assert all(not p.requires_grad for p in loaded.parameters())
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(loaded(x), model.eval()(x))
+
+
+def test_teacher_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    # mkstemp makes 0o600 files; a teacher copied into a container that runs as another user
+    # (Flower's images run as uid 49999) must stay readable.
+    old = os.umask(0o022)
+    try:
+        _, path, _ = saved_teacher(tmp_path)
+    finally:
+        os.umask(old)
+    for file in (path, path.with_suffix(".json")):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
 
 
 def test_tampered_file_is_refused(tmp_path):

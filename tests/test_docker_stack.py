@@ -1,0 +1,269 @@
+"""The docker compose deployment built and run for real: the stand-ins of Flower's images and the
+project's image are built, `docker compose up --build` brings up docker/compose.yml with the TLS,
+node-authentication and state overlays (each container one host on the compose network), and a
+PM-AFL federation runs through faults between them:
+
+* an unregistered SuperNode is refused;
+* one SuperNode's network is cut (`docker network disconnect`) for longer than a round, then
+  restored: the round goes on without it and it takes part again afterwards;
+* another SuperNode reaches the SuperLink with 500 ms latency each way and loses 5% of its
+  packets. The loss is iptables' `statistic` match in the node's network namespace. The latency
+  is a TCP relay (tests/delay_proxy.py) in front of the SuperLink on that node's own network,
+  because the kernels this project is developed on have no netem qdisc; bytes pass through, so
+  TLS still ends at the SuperLink;
+* a ClientApp SuperExec is killed and restarted;
+* the SuperLink container is restarted mid-run: with the state overlay it keeps its registered
+  nodes and the run, which finishes (`flwr run --stream` loses its stream; `flwr log` reattaches).
+
+Marked `docker`: the default test run deselects it (it takes about 10 minutes). Run it with
+`python -m pytest -m docker` or `docker/selftest.sh` (which also installs the engine and Compose).
+It needs root (nsenter, iptables, the key files' owner) and a running Docker engine; it skips
+with the reason otherwise. The compose project is `pmafl-selftest`, so a stack of your own is left
+alone; the test removes its containers, volumes and networks at the end."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_deployment import make_teacher
+from test_simulation import BIN, ROOT, free_ports
+
+sys.path.insert(0, str(ROOT / "docker"))
+from make_credentials import make_credentials  # noqa: E402
+
+pytestmark = pytest.mark.docker
+
+PROJECT = "pmafl-selftest"
+FILES = ["compose.yml", "compose.tls.yml", "compose.auth.yml", "compose.state.yml"]
+APP_UID = 49999  # user `app` in Flower's images
+NODES = 3
+
+
+def unavailable() -> str:
+    """Why this machine cannot run the stack, or '' when it can."""
+    if os.geteuid() != 0:
+        return "needs root (nsenter and iptables in a container's network namespace)"
+    if shutil.which("docker") is None:
+        return "no docker CLI: run docker/selftest.sh, which installs the engine and Compose"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "the Docker engine is not running (docker/selftest.sh starts it)"
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        return "no Compose v2 plugin (`docker compose`): docker/selftest.sh installs one"
+    for tool in ("nsenter", "iptables"):
+        if shutil.which(tool) is None:
+            return f"no {tool} on this machine"
+    return ""
+
+
+def run(*command, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout,
+                         **kwargs)
+    if check and out.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, command))} exited with {out.returncode}:\n"
+                    f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def overlay(creds: Path, port: int) -> str:
+    """The test's own overlay: its credentials, a free host port, and the delay relay with the
+    slow node's network. Volumes merge by mount target, so these mounts replace the overlays'."""
+    def mounts(*pairs):
+        return "[" + ", ".join(f'"{creds / a}:{b}:ro"' for a, b in pairs) + "]"
+
+    lines = ["services:", "  superlink:", f'    ports: !override ["127.0.0.1:{port}:8000"]',
+             "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"), ("server.pem", "/certs/server.pem"),
+                                      ("server.key", "/certs/server.key")),
+             "  superexec-serverapp:", "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"))]
+    for i in range(NODES):
+        key = (f"supernode-{i}", f"/keys/supernode-{i}")
+        lines += [f"  supernode-{i}:", "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"), key)]
+        if i == 2:  # the slow node: on a network where `superlink` is the delay relay
+            lines += ["    networks: [slow]", "  superexec-clientapp-2:", "    networks: [slow]"]
+    lines += ["  delay-relay:", "    image: pmafl-superexec:cpu",
+              '    entrypoint: ["python", "/relay/delay_proxy.py", "8000",'
+              f' "{PROJECT}-superlink-1:8000", "0.5"]',
+              f'    volumes: ["{ROOT / "tests" / "delay_proxy.py"}:/relay/delay_proxy.py:ro"]',
+              "    depends_on: [superlink]", "    restart: unless-stopped",
+              "    networks:", "      default: {}", "      slow:", "        aliases: [superlink]",
+              "networks:", "  slow: {}"]
+    return "\n".join(lines) + "\n"
+
+
+class Stack:
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.files = [a for name in FILES for a in ("-f", ROOT / "docker" / name)]
+        self.files += ["-f", folder / "selftest.yml"]
+        self.home = folder / "flwr-home"
+        self.env = {**os.environ, "FLWR_HOME": str(self.home)}
+
+    def compose(self, *args, **kwargs):
+        return run("docker", "compose", "-p", PROJECT, *self.files, *args, **kwargs)
+
+    def container(self, service: str) -> str:
+        return f"{PROJECT}-{service}-1"
+
+    def logs(self, service: str) -> str:
+        out = run("docker", "logs", self.container(service), check=False)
+        return out.stdout + out.stderr
+
+    def flwr(self, *args, **kwargs):
+        return run(BIN / "flwr", *args, env=self.env, **kwargs)
+
+    def netns(self, service: str, *command):
+        pid = run("docker", "inspect", "-f", "{{.State.Pid}}", self.container(service)).stdout.strip()
+        return run("nsenter", "-t", pid, "-n", *command)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("docker-stack")
+    run(ROOT / "docker" / "standins" / "build.sh", timeout=1200)
+    creds = folder / "credentials"
+    make_credentials(creds, nodes=NODES + 1, hosts=[])
+    # The containers run as `app`: the private keys they read must be that user's (as Flower's
+    # docs say: chown 49999:49999).
+    for key in ["server.key", *(f"supernode-{i}" for i in range(NODES + 1))]:
+        os.chown(creds / key, APP_UID, APP_UID)
+    [port] = free_ports(1)
+    (folder / "selftest.yml").write_text(overlay(creds, port))
+    stack = Stack(folder, port)
+    stack.home.mkdir()
+    (stack.home / "config.toml").write_text(
+        f'[superlink]\ndefault = "selftest"\n\n[superlink.selftest]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n')
+    stack.creds = creds
+    try:
+        yield stack
+    finally:
+        for service in ("superlink", "superexec-serverapp", *(f"supernode-{i}" for i in range(NODES))):
+            (folder / f"{service}.log").write_text(stack.logs(service))
+        stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
+
+
+def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
+    # Up: the SuperLink and the ServerApp's SuperExec first (building the app image), then the
+    # nodes are registered, then everything, exactly as docs/deployment.md says.
+    stack.compose("up", "--build", "-d", "superlink", "superexec-serverapp", timeout=1800)
+    wait_for(lambda: "Uvicorn running on https://" in stack.logs("superlink"), 120, "the TLS SuperLink")
+    node_ids = []
+    for i in range(NODES):
+        out = stack.flwr("supernode", "register", stack.creds / f"supernode-{i}.pub", "selftest")
+        node_ids.append(int(re.search(r"SuperNode (\d+) registered", out.stdout).group(1)))
+    stack.compose("up", "--build", "-d", timeout=900)
+
+    # An unregistered key is refused.
+    refused = run("docker", "run", "--rm", "--network", f"{PROJECT}_default",
+                  "-v", f"{stack.creds / 'ca.crt'}:/certs/ca.crt:ro",
+                  "-v", f"{stack.creds / f'supernode-{NODES}'}:/keys/node:ro",
+                  f"flwr/supernode:{flwr_version()}", "--root-certificates", "/certs/ca.crt",
+                  "--superlink", "superlink:8000", "--auth-supernode-private-key", "/keys/node",
+                  "--max-retries", "1", check=False, timeout=300)
+    assert refused.returncode != 0
+    assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
+
+    # Every node (and the server) gets the same teacher, seeded as docs/deployment.md says.
+    teacher = tmp_path / "teacher" / "digits--cnn-large.pt"
+    make_teacher(teacher, seed=0)
+    sha256 = None
+    for service in ["superexec-serverapp", *(f"superexec-clientapp-{i}" for i in range(NODES))]:
+        stack.compose("cp", teacher, f"{service}:/tmp/T.pt")
+        stack.compose("cp", teacher.with_suffix(".json"), f"{service}:/tmp/T.json")
+        out = stack.compose("exec", "-T", service, "pmafl-teacher", "seed", "/tmp/T.pt",
+                            "--cache-dir", "/data/cache/pmafl/teachers")
+        sha256 = re.search(r"sha256 ([0-9a-f]{64})", out.stdout).group(1)
+    # 5% packet loss both ways on node 2 (its latency comes from the relay it reaches the SuperLink by).
+    for chain in ("INPUT", "OUTPUT"):
+        stack.netns("supernode-2", "iptables", "-A", chain, "-m", "statistic", "--mode", "random",
+                    "--probability", "0.05", "-j", "DROP")
+
+    rounds = 5
+    run_config = (f"num-server-rounds={rounds} local-epochs=1 pgd-steps=2 eval-steps=3 "
+                  f"federated-eval-every=1 min-train-nodes=1 min-available-nodes={NODES} "
+                  f"round-timeout=150 teacher-sha256='{sha256}' results-dir='/data/results'")
+    log_path = tmp_path / "flwr-run.log"
+    with log_path.open("w") as log:
+        flwr_run = subprocess.Popen([BIN / "flwr", "run", ROOT, "selftest", "--stream",
+                                     "--run-config", run_config], env=stack.env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    started = re.compile(r"Successfully started run (\d+)")
+    wait_for(lambda: started.search(log_path.read_text()), 300, "the run to start")
+    run_id = started.search(log_path.read_text()).group(1)
+
+    def reached(n: int) -> bool:  # the ServerApp's log, as `flwr run --stream` shows it
+        return f"[ROUND {n}/{rounds}]" in log_path.read_text()
+
+    # Round 2: node 1 loses its network for longer than the round.
+    wait_for(lambda: reached(2), 900, "round 2")
+    net = f"{PROJECT}_default"
+    run("docker", "network", "disconnect", net, stack.container("supernode-1"))
+    # Restored once round 2's training ended without it (round-timeout: longer than a round).
+    # Not later: with min-available-nodes=3, round 3 waits for it.
+    wait_for(lambda: "round 2 train:" in log_path.read_text(), 900, "round 2's training without node 1")
+    run("docker", "network", "connect", net, stack.container("supernode-1"))
+    # Round 3: node 0's ClientApp SuperExec is killed once node 0 has its train message, then
+    # started again.
+    wait_for(lambda: stack.logs("supernode-0").count("Receiving: train message") >= 3, 600,
+             "node 0's round-3 train message")
+    run("docker", "kill", stack.container("superexec-clientapp-0"))
+    time.sleep(5)
+    run("docker", "start", stack.container("superexec-clientapp-0"))
+    # Round 4: the SuperLink restarts; its state (nodes, the run) is on the volume.
+    wait_for(lambda: reached(4), 900, "round 4")
+    run("docker", "restart", stack.container("superlink"))
+    assert flwr_run.wait(timeout=900) is not None  # the stream ends with the SuperLink's restart
+    # The log still holds the first start's lines: wait until the CLI connects again.
+    wait_for(lambda: stack.flwr("supernode", "list", "selftest", check=False, timeout=60).returncode == 0,
+             180, "the SuperLink back")
+    listed = stack.flwr("supernode", "list", "selftest", timeout=120).stdout
+    assert all(str(node) in listed for node in node_ids), listed
+    follow = stack.flwr("log", run_id, "selftest", "--stream", timeout=1800)
+    assert "Results written to" in follow.stdout, follow.stdout[-3000:]
+
+    # The results on the ServerApp's volume: every round, and the model.
+    out_dir = tmp_path / "results"
+    stack.compose("cp", "superexec-serverapp:/data/results", out_dir)
+    [results] = list(out_dir.glob("*/results.json"))
+    assert (results.parent / "model.pt").is_file()
+    state = torch.load(results.parent / "model.pt", weights_only=True)
+    assert state, "empty model file"
+    by_round = {row["round"]: row for row in json.loads(results.read_text())["rounds"]}
+    assert sorted(by_round) == list(range(rounds + 1))  # round 0 is the initial model
+
+    def left_out(row):
+        return {f["node"] for f in row["failures"] if f["stage"] == "train"}
+
+    assert node_ids[1] in left_out(by_round[2]), by_round[2]["failures"]
+    assert node_ids[0] in left_out(by_round[3]), by_round[3]["failures"]
+    # Back for the last round: all three nodes' replies aggregated, the slow one included.
+    assert left_out(by_round[rounds]) == set(), by_round[rounds]["failures"]
+    assert by_round[rounds]["fed_num_clients"] == NODES
+    # TLS and authentication were in use.
+    assert "--ssl-certfile" in run("docker", "inspect", stack.container("superlink")).stdout
+    assert "Uvicorn running on https://" in stack.logs("superlink")
+    for i in range(NODES):
+        assert "SuperNode ID" in stack.logs(f"supernode-{i}")
+
+
+def flwr_version() -> str:
+    import importlib.metadata
+    return importlib.metadata.version("flwr")
