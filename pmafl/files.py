@@ -5,14 +5,27 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+_UMASK_LOCK = threading.Lock()
 
 
 def cache_root() -> Path:
     """pmafl's cache folder: $XDG_CACHE_HOME/pmafl, else ~/.cache/pmafl (datasets, teachers)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pmafl"
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it: for that instant it is 0o077, so a file
+    another thread creates meanwhile is at worst private, never world-writable; the lock keeps
+    two readers from taking each other's 0o077 for the real mask."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -23,9 +36,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
