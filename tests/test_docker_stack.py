@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_deployment import make_teacher
+from test_deployment import make_teacher, wait_for
 from test_simulation import BIN, ROOT, free_ports
 
 sys.path.insert(0, str(ROOT / "docker"))
@@ -69,15 +69,6 @@ def run(*command, timeout=600, check=True, **kwargs) -> subprocess.CompletedProc
         pytest.fail(f"{' '.join(map(str, command))} exited with {out.returncode}:\n"
                     f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def overlay(creds: Path, port: int) -> str:
