@@ -2,12 +2,22 @@
 `pmafl.evaluate.evaluate` on the node's local test split (evaluate).
 
 Node config: `partition-id` and `num-partitions` (filled in by the simulation; set with
-`flower-supernode --node-config` in deployment) and optionally `teacher-cache-dir`.
+`flower-supernode --node-config` in deployment), and optionally `teacher-cache-dir` and
+`num-threads` (torch's intra-op threads per ClientApp process; 0 or unset: torch's default, all
+the host's cores, which oversubscribes a host that runs several SuperNodes).
+
+In deployment every message starts a fresh ClientApp process. What a node computes once (its
+partition and local test split, the teacher's logits on its images) is kept in the node's state
+(`context.state`), so that a later round's process starts training without loading the dataset.
+Every reply carries `compute-seconds`, the time of the local training (or evaluation) itself, for
+the round loop's timing: everything else a round takes (process start-up, imports, loading data and
+teacher, the wait for messages) is overhead.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,22 +25,22 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
 from pmafl.config import RunConfig, TrainConfig
-from pmafl.data import make_loader
+from pmafl.data import Split, make_loader
 from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.fedftg import LABEL_COUNTS, label_counts
 from pmafl.kdiga import teacher_input_gradients
 from pmafl.objectives import needs_teacher
 from pmafl.robustkd import FeatureDistiller
 from pmafl.task import (
+    NodeData,
     build_model,
     client_seed,
-    client_split,
-    client_test_split,
     get_teacher,
-    load_data,
+    node_data,
+    node_data_key,
     resolve_device,
 )
-from pmafl.train import pmafl_train
+from pmafl.train import COMPUTE_SECONDS, pmafl_train
 
 app = ClientApp()
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
@@ -46,6 +56,37 @@ def _node_partition(context: Context) -> tuple[int, int]:
             raise ValueError(f"node config lacks '{key}': start the SuperNode with "
                              "--node-config \"partition-id=N num-partitions=M\"")
     return int(node_config["partition-id"]), int(node_config["num-partitions"])
+
+
+def _set_threads(context: Context) -> None:
+    """torch's thread count from the node config's `num-threads` (0 or unset: torch's default)."""
+    value = context.node_config.get("num-threads", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"node config key 'num-threads': expected a non-negative integer (0: "
+                         f"torch's default), got {value!r}")
+    if value and torch.get_num_threads() != value:
+        torch.set_num_threads(value)
+
+
+def _node_data(context: Context, cfg: RunConfig) -> NodeData:
+    """This node's partition and local test split: made once (loading the dataset and running the
+    partitioner, seconds), then read back from the node's state (milliseconds)."""
+    partition_id, num_partitions = _node_partition(context)
+    key = node_data_key(cfg, partition_id, num_partitions)
+    meta = context.state.get("node-data-meta")
+    if meta is None or meta["key"] != key:
+        data = node_data(cfg, partition_id, num_partitions)
+        context.state["node-data"] = ArrayRecord(torch_state_dict={
+            "train-images": data.train.images, "train-labels": data.train.labels,
+            "test-images": data.test.images, "test-labels": data.test.labels})
+        context.state["node-data-meta"] = ConfigRecord({
+            "key": key, "num-classes": data.num_classes, "mean": list(data.mean),
+            "std": list(data.std)})
+        return data
+    arrays = context.state["node-data"].to_torch_state_dict()
+    return NodeData(Split(arrays["train-images"], arrays["train-labels"]),
+                    Split(arrays["test-images"], arrays["test-labels"]), int(meta["num-classes"]),
+                    tuple(meta["mean"]), tuple(meta["std"]))
 
 
 def _teacher_tensors(context: Context, teacher: torch.nn.Module, sha256: str, images: torch.Tensor,
@@ -82,7 +123,8 @@ def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.
     return features.to(images.device)
 
 
-def _received_model(msg: Message, cfg: RunConfig, data, device: torch.device) -> torch.nn.Module:
+def _received_model(msg: Message, cfg: RunConfig, data: NodeData, device: torch.device
+                    ) -> torch.nn.Module:
     model = build_model(cfg, data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model.to(device)
@@ -91,19 +133,20 @@ def _received_model(msg: Message, cfg: RunConfig, data, device: torch.device) ->
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the received global model on this node's partition."""
+    _set_threads(context)
     cfg = RunConfig.from_mapping(context.run_config)
     train_config = TrainConfig.from_mapping(msg.content["config"])
     server_round = int(msg.content["config"].get("server-round", 0))
-    partition_id, num_partitions = _node_partition(context)
+    partition_id, _ = _node_partition(context)
     device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    images, labels = client_split(cfg, data, partition_id, num_partitions).tensors()
+    data = _node_data(context, cfg)
+    images, labels = data.train.tensors()
     model = _received_model(msg, cfg, data, device)
     tensors = [images, labels]
     teacher = None
     if needs_teacher(train_config.objective):
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
-        teacher, sha256 = get_teacher(cfg, data, cache_dir, device)
+        teacher, sha256 = get_teacher(cfg, data.num_classes, cache_dir, device)
         tensors += _teacher_tensors(context, teacher, sha256, images, labels,
                                     input_grads=train_config.kdiga_weight > 0)
     # Seeded after the model and teacher are built: loading the teacher draws random numbers only
@@ -114,11 +157,14 @@ def train(msg: Message, context: Context) -> Message:
     features = None
     if train_config.robustkd_weight > 0:
         features = _feature_distiller(context, model, teacher, cfg, images.to(device), train_config, seed)
+    start = time.perf_counter()
     metrics = pmafl_train(model, teacher, loader, train_config, features)
+    seconds = time.perf_counter() - start
     if features is not None:
         context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
     if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
+    metrics[COMPUTE_SECONDS] = seconds
     content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -128,16 +174,19 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Clean and PGD accuracy of the received global model on this node's local test split (the
     test split resampled to this node's class proportions)."""
+    _set_threads(context)
     cfg = RunConfig.from_mapping(context.run_config)
     train_config = TrainConfig.from_mapping(msg.content["config"])
-    partition_id, num_partitions = _node_partition(context)
+    partition_id, _ = _node_partition(context)
     device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    images, labels = client_test_split(cfg, data, partition_id, num_partitions).tensors()
+    data = _node_data(context, cfg)
+    images, labels = data.test.tensors()
     model = _received_model(msg, cfg, data, device)
     torch.manual_seed(client_seed(cfg.seed, int(msg.content["config"].get("server-round", 0)),
                                   partition_id))
+    start = time.perf_counter()
     scores = evaluate_model(model, images, labels, train_config.eps, cfg.eval_steps,
                             cfg.batch_size * 8)
-    metrics = MetricRecord({**scores, "num-examples": len(labels)})
+    metrics = MetricRecord({**scores, "num-examples": len(labels),
+                            COMPUTE_SECONDS: time.perf_counter() - start})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

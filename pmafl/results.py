@@ -108,6 +108,11 @@ def plot_accuracy(rounds: list[dict[str, Any]], path: Path, title: str = "") -> 
     plt.close(fig)
 
 
+def without_timing(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without their `..._seconds` keys: what two runs with one seed agree on exactly."""
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rounds]
+
+
 def summary(folder: Path) -> str:
     """A per-round table of a results folder, ending with the folder's path."""
     results = json.loads((Path(folder) / "results.json").read_text())
@@ -117,16 +122,22 @@ def summary(folder: Path) -> str:
              f"eps {config['eps']}; central = the global model on {test_images} test images, node = "
              "federated evaluation on the nodes' local test splits (mean / worst node):",
              "round  clean_acc  fgsm_acc  pgd_acc  node_pgd_mean  node_pgd_worst  local_loss  left_out"
+             "  seconds  kB_sent  kB_recv"
              + ("  backdoor_asr" if any("asr" in r for r in rounds) else "")]
 
     def number(row: dict[str, Any], key: str, width: int, digits: int = 3) -> str:
         return f"{row[key]:>{width}.{digits}f}" if key in row else f"{'-':>{width}}"
 
+    def kilobytes(row: dict[str, Any], key: str, width: int) -> str:
+        return f"{row[key] / 1000:>{width}.0f}" if key in row else f"{'-':>{width}}"
+
     for r in rounds:
         lines.append(f"{r['round']:>5}  {number(r, 'clean_acc', 9)}  {number(r, 'fgsm_acc', 8)}  "
                      f"{number(r, 'pgd_acc', 7)}  "
                      f"{number(r, 'fed_pgd_acc', 13)}  {number(r, 'fed_worst_pgd_acc', 14)}  "
-                     f"{number(r, 'loss', 10, 4)}  {len(r['failures']):>8}"
+                     f"{number(r, 'loss', 10, 4)}  {len(r['failures']):>8}  "
+                     f"{number(r, 'round_seconds', 7, 1)}  {kilobytes(r, 'bytes_sent', 7)}  "
+                     f"{kilobytes(r, 'bytes_received', 7)}"
                      + (f"  {number(r, 'asr', 12)}" if "asr" in r else ""))
     lines += [f"WARNING round {r['round']}: {r['warning']}" for r in rounds if r.get("warning")]
     lines.append(f"Results: {Path(folder).resolve()}")

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def eval_split(cfg: RunConfig, data: FederatedData) -> Split:
     return evaluation_subset(data.test, cfg.eval_examples)
 
 
-def build_model(cfg: RunConfig, data: FederatedData) -> Normalized:
+def build_model(cfg: RunConfig, data: FederatedData | NodeData) -> Normalized:
     return create_model(cfg.model, data.num_classes, data.in_channels, data.mean, data.std)
 
 
@@ -89,6 +90,43 @@ def client_test_split(cfg: RunConfig, data: FederatedData, partition_id: int,
     index = local_test_indices(test.labels.numpy(), train_labels, data.num_classes, size,
                                client_seed(cfg.seed, 0, partition_id))
     return test.subset(index)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """What one node trains and evaluates on: its partition of the pool, its local test split, and
+    the dataset's facts a model is built from. A few hundred kB: small enough for a node to keep
+    in its state between rounds (see the ClientApp)."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> NodeData:
+    """Node `partition_id`'s `NodeData`, from the dataset and the run's partitioning."""
+    data = load_data(cfg)
+    return NodeData(client_split(cfg, data, partition_id, num_partitions),
+                    client_test_split(cfg, data, partition_id, num_partitions), data.num_classes,
+                    data.mean, data.std)
+
+
+def node_data_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
+    """Everything that decides a node's `NodeData`, as one string: a kept copy is reused only
+    when it matches."""
+    return json.dumps({"dataset": cfg.dataset, "data-dir": cfg.data_dir,
+                       "public-fraction": cfg.public_fraction,
+                       "max-train-examples": cfg.max_train_examples, "partitioner": cfg.partitioner,
+                       "dirichlet-alpha": cfg.dirichlet_alpha,
+                       "classes-per-partition": cfg.classes_per_partition, "seed": cfg.seed,
+                       "eval-examples": cfg.eval_examples, "split-seed": SPLIT_SEED,
+                       "partition": [partition_id, num_partitions]}, sort_keys=True)
 
 
 def backdoor_trigger(cfg: RunConfig, data: FederatedData | None = None) -> Trigger | None:
@@ -170,14 +208,14 @@ def vet_summary(record: dict) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
+def _cached_teacher(path: Path, num_classes: int, cfg: RunConfig,
                     device: torch.device) -> tuple[nn.Module, str]:
     if not path.is_file():
         raise TeacherError(
             f"no teacher for this run's settings at {path}: pre-train it before the run with "
             f"`pmafl-teacher pretrain --run-config \"...\"` (the run's config), or seed it with "
             "`pmafl-teacher seed FILE --cache-dir DIR`")
-    teacher, sha256 = load_teacher(path, data.num_classes, cfg.teacher_sha256, device,
+    teacher, sha256 = load_teacher(path, num_classes, cfg.teacher_sha256, device,
                                    teacher_settings(cfg))
     if cfg.train.robustkd_weight > 0:
         teacher, record = load_detoxified(path, teacher)
@@ -185,11 +223,11 @@ def _cached_teacher(path: Path, data: FederatedData, cfg: RunConfig,
     return teacher, sha256
 
 
-def get_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
+def get_teacher(cfg: RunConfig, num_classes: int, cache_dir: str = "",
                 device: torch.device | None = None) -> tuple[nn.Module, str]:
     """The node's verified cached teacher, loaded once per process, and its sha256. It is never
     pre-trained here, inside a round's timeout: a missing one is an error that says how to
     prepare it. With `robustkd-weight` > 0 it is the detoxified teacher (its recorded vet), and the
     checksum covers the vet file too."""
     path = teacher_path(cache_dir or cfg.teacher_cache_dir, teacher_settings(cfg))
-    return _cached_teacher(path, data, cfg, device or torch.device("cpu"))
+    return _cached_teacher(path, num_classes, cfg, device or torch.device("cpu"))

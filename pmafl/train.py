@@ -21,6 +21,10 @@ from pmafl.kdiga import gradient_alignment, input_gradient
 from pmafl.objectives import OBJECTIVES, StepContext
 from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller, architecture
 
+# The metric in which a ClientApp reports the time of its local training or evaluation itself
+# (seconds): the round loop keeps the slowest and takes it out of the metrics.
+COMPUTE_SECONDS = "compute-seconds"
+
 
 def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:
     """The training radius of a round under a linear warm-up: eps * min(1, round / warmup_rounds)

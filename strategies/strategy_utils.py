@@ -7,23 +7,27 @@ import hashlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore import log
 
 from pmafl.config import AGGREGATIONS
+from pmafl.train import COMPUTE_SECONDS
 
 
 class RoundLoop:
     """Mixin giving a strategy the project's `start`: `run_rounds`, with Flower's arguments plus
     `start_round` and `on_round_end` for resuming. `set_num_rounds` tells the strategy how many
-    rounds the run has before the loop starts."""
+    rounds the run has before the loop starts. After `start`, `round_stats[round]` holds each
+    round's timing and bytes (see `run_rounds`)."""
+
+    round_stats: dict[int, dict[str, float]]
 
     def set_num_rounds(self, num_rounds: int) -> None:
         """Nothing to do by default; a strategy that needs the count (e.g. PMAFL's last-round
@@ -38,8 +42,52 @@ class RoundLoop:
         """Flower's `Strategy.start` (same arguments, same `Result`) plus resuming: see
         `run_rounds`."""
         self.set_num_rounds(num_rounds)
+        self.round_stats = {}
         return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config,
-                          evaluate_config, evaluate_fn, start_round, on_round_end)
+                          evaluate_config, evaluate_fn, start_round, on_round_end, self.round_stats)
+
+
+def payload_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of array data the messages carry (the models; config and metrics are a few hundred
+    bytes more, and the protocol's framing is not counted)."""
+    return sum(len(array.data) for msg in messages if msg.has_content()
+               for record in msg.content.array_records.values() for array in record.values())
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
+             first_wait: float = 0.01, max_wait: float = 0.2) -> list[Message]:
+    """`grid.send_and_receive` on this project's schedule: push the messages, then pull the
+    replies after `first_wait` seconds, doubling the wait up to `max_wait`, until every message has
+    its reply or `timeout` seconds have passed (None: no limit). Flower's deployment Grid waits a
+    fixed 3 s between pulls, so a round's replies would sit up to 3 s on the SuperLink; a pull is
+    one cheap request, so polling every 0.2 s at most costs nothing."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    end = time.monotonic() + timeout if timeout is not None else math.inf
+    wait = first_wait
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        replies.extend(pulled)
+        pending.difference_update(msg.metadata.reply_to_message_id for msg in pulled)
+        if not pending or time.monotonic() >= end:
+            break
+        time.sleep(min(wait, max(0.0, end - time.monotonic())))
+        wait = min(2 * wait, max_wait)
+    return replies
+
+
+def _take_compute_seconds(replies: list[Message]) -> float:
+    """The slowest reply's `compute-seconds` (0 when none carries it), taken out of every reply's
+    metrics: timing would otherwise enter the averaged metrics, which must not depend on load."""
+    slowest = 0.0
+    for msg in replies:
+        if msg.has_content():
+            for record in msg.content.metric_records.values():
+                if COMPUTE_SECONDS in record:
+                    value = record.pop(COMPUTE_SECONDS)
+                    if isinstance(value, int | float) and math.isfinite(value):
+                        slowest = max(slowest, float(value))
+    return slowest
 
 
 def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -47,13 +95,21 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
                evaluate_config: ConfigRecord | None = None,
                evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
                start_round: int = 1,
-               on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+               on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None,
+               stats: dict[int, dict[str, float]] | None = None) -> Result:
     """Flower's `Strategy.start` round loop (same arguments, same `Result`) for any strategy,
     plus two for resuming: `start_round` runs rounds start_round..num_rounds from
     `initial_arrays` (the round-0 evaluation only when starting at 1), and
     `on_round_end(round, arrays, result)` is called after every round's evaluation, e.g. to
     write a checkpoint. The one round loop of this project: `PMAFL` and `FedFTG` both run it
-    through `RoundLoop.start`."""
+    through `RoundLoop.start`.
+
+    Messages go out and replies come in through `exchange` (short polls). When `stats` is
+    given, `stats[round]` gets the round's figures before `on_round_end`: `round-seconds` (wall
+    time of the whole round, central evaluation included), `train-seconds` and
+    `evaluate-seconds` (the train and evaluate exchanges, from sending to the last reply),
+    `train-compute-seconds` and `evaluate-compute-seconds` (the slowest node's own compute, from
+    the replies' `compute-seconds`), `bytes-sent` and `bytes-received` (`payload_bytes`)."""
     log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
     strategy.summary()
     train_config = train_config or ConfigRecord()
@@ -67,17 +123,28 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     for server_round in range(start_round, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", server_round, num_rounds)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+        t_round = time.monotonic()
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        sent = payload_bytes(messages)
+        t_train = time.monotonic()
+        replies = exchange(grid, messages, timeout)
+        round_stats = {"train-seconds": time.monotonic() - t_train,
+                       "train-compute-seconds": _take_compute_seconds(replies)}
+        received = payload_bytes(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = result.arrays = new_arrays
         if train_metrics is not None:
             log(INFO, "\t└──> train metrics: %s", dict(train_metrics))
             result.train_metrics_clientapp[server_round] = train_metrics
-        messages = strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
-        evaluate_metrics = strategy.aggregate_evaluate(
-            server_round, grid.send_and_receive(messages, timeout=timeout) if messages else [])
+        messages = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
+        sent += payload_bytes(messages)
+        t_evaluate = time.monotonic()
+        replies = exchange(grid, messages, timeout) if messages else []
+        round_stats.update({"evaluate-seconds": time.monotonic() - t_evaluate if messages else 0.0,
+                            "evaluate-compute-seconds": _take_compute_seconds(replies)})
+        received += payload_bytes(replies)
+        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         if evaluate_metrics is not None:
             log(INFO, "\t└──> federated evaluation: %s", dict(evaluate_metrics))
             result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
@@ -85,6 +152,10 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
             metrics = evaluate_fn(server_round, arrays)
             if metrics is not None:
                 result.evaluate_metrics_serverapp[server_round] = metrics
+        round_stats.update({"round-seconds": time.monotonic() - t_round, "bytes-sent": sent,
+                            "bytes-received": received})
+        if stats is not None:
+            stats[server_round] = round_stats
         if on_round_end:
             on_round_end(server_round, arrays, result)
     log(INFO, "Strategy finished rounds %d to %d in %.2fs", start_round, num_rounds,

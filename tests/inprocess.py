@@ -4,6 +4,7 @@ without SuperLink or Ray."""
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -23,14 +24,18 @@ class InProcessGrid:
         self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(),
                                        run_config=run_config)
                          for node, cfg in node_configs.items()}
-        self.replies: list[list[Message]] = []
+        self.replies: list[list[Message]] = []  # every push's replies, in the order pulled
+        self._outbox: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Each message is handled at once; its reply waits for `pull_messages`."""
+        ids, replies = [], []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids do
+            ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
             try:
                 replies.append(self.handlers[msg.metadata.message_type](msg, self.contexts[node]))
@@ -39,4 +44,11 @@ class InProcessGrid:
         if self.rng is not None:
             self.rng.shuffle(replies)
         self.replies.append(replies)
-        return replies
+        self._outbox.extend(replies)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        pulled = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
+        self._outbox = [r for r in self._outbox if r.metadata.reply_to_message_id not in wanted]
+        return pulled

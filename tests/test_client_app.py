@@ -175,3 +175,44 @@ def test_robustkd_distils_from_the_vetted_teacher_and_keeps_its_connectors(teach
     ctx.state["robustkd-connectors"] = ArrayRecord(torch_state_dict=zeroed)
     assert train(msg, ctx).content["metrics"]["loss-feat"] != pytest.approx(
         train(msg, fresh).content["metrics"]["loss-feat"])
+
+
+def test_a_later_round_reads_the_partition_from_the_node_state(teachers, monkeypatch):
+    """Deployment starts a ClientApp process per message: after the first, the node's partition and
+    local test split come from its state, not from the dataset, and train exactly as before."""
+    cfg = RunConfig.from_mapping(RUN)
+    train_config = TrainConfig(local_epochs=1, pgd_steps=2)
+    ctx = context(teachers)
+    first = train(instruction(cfg, train_config)[0], ctx)
+    kept = ctx.state["node-data"].to_torch_state_dict()
+    partition = client_split(cfg, load_data(cfg), 3, 10)
+    assert torch.equal(kept["train-images"], partition.images)
+    assert torch.equal(kept["test-labels"], client_test_split(cfg, load_data(cfg), 3, 10).labels)
+    assert first.content["metrics"]["compute-seconds"] > 0
+
+    def no_dataset(*args):
+        raise AssertionError("the dataset was loaded again")
+
+    monkeypatch.setattr("client_app.app.node_data", no_dataset)
+    again = train(instruction(cfg, train_config)[0], ctx)
+    assert evaluate(instruction(cfg, train_config)[0], ctx).content["metrics"]["num-examples"] == \
+        len(kept["test-labels"])
+    for key, array in first.content["arrays"].items():
+        assert np.array_equal(array.numpy(), again.content["arrays"][key].numpy())
+    # Another run config (here another seed) is another partition: made afresh.
+    with pytest.raises(AssertionError, match="loaded again"):
+        ctx.run_config = {**RUN, "seed": 1}
+        train(instruction(cfg, train_config)[0], ctx)
+
+
+def test_num_threads_node_config_sets_torch_threads_and_rejects_bad_values(teachers):
+    cfg = RunConfig.from_mapping(RUN)
+    msg = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=1))[0]
+    before = torch.get_num_threads()
+    try:
+        assert not train(msg, context(teachers, **{"num-threads": 1})).has_error()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="node config key 'num-threads': expected a non-negative"):
+        train(msg, context(teachers, **{"num-threads": -2}))

@@ -14,7 +14,7 @@ from flwr.app import (
 
 from pmafl.config import TrainConfig
 from strategies import PMAFL
-from strategies.strategy_utils import error_summary
+from strategies.strategy_utils import error_summary, exchange
 
 
 class FakeGrid:
@@ -344,3 +344,39 @@ def test_a_scaled_malicious_update_cannot_take_over_a_robust_round():
         assert np.abs(arrays["w"].numpy()).max() <= 1.0 + 1e-6, aggregation
     with pytest.raises(ValueError, match="aggregation must be one of"):
         PMAFL(aggregation="krum")
+
+
+class SlowGrid:
+    """Replies become available only after `ready_after` pulls; records the waits between pulls."""
+
+    def __init__(self, ready_after):
+        self.ready_after, self.pulls, self.waits = ready_after, 0, []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        for i, msg in enumerate(self.sent):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        return [msg.metadata.message_id for msg in self.sent]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = [m for i, m in enumerate(self.sent) if self.pulls >= self.ready_after[i]]
+        return [Message(RecordDict(), reply_to=m) for m in ready if m.metadata.message_id in set(ids)]
+
+
+def test_exchange_polls_with_growing_waits_until_every_reply_is_in(monkeypatch):
+    grid = SlowGrid(ready_after=[1, 3, 7])
+    monkeypatch.setattr("strategies.strategy_utils.time.sleep", grid.waits.append)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12, 13)]
+    replies = exchange(grid, messages, timeout=60, first_wait=0.01, max_wait=0.05)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert grid.pulls == 7  # each reply pulled once, and no pull after the last
+    assert grid.waits == pytest.approx([0.01, 0.02, 0.04, 0.05, 0.05, 0.05])
+
+
+def test_exchange_returns_what_came_in_when_the_timeout_passes():
+    grid = SlowGrid(ready_after=[1, 10**9])
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
+    replies = exchange(grid, messages, timeout=0.3, first_wait=0.01, max_wait=0.05)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert grid.pulls >= 3

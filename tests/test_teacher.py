@@ -123,7 +123,7 @@ def test_a_node_never_pretrains_inside_a_round(tmp_path):
     """get_teacher (the ClientApp's) refuses a missing teacher with the command that prepares it."""
     cfg = RunConfig.from_mapping({"teacher-cache-dir": str(tmp_path)})
     with pytest.raises(TeacherError, match="pmafl-teacher pretrain"):
-        get_teacher(cfg, load_dataset("digits"))
+        get_teacher(cfg, 10)
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -137,7 +137,7 @@ def test_pretrain_command_builds_the_teacher_a_run_looks_for(tmp_path, capsys):
                                   "teacher-epochs": 1, "teacher-cache-dir": str(tmp_path)})
     path = teacher_path(tmp_path, teacher_settings(cfg))
     assert f"Teacher {path}" in out and f"sha256 {file_sha256(path)}" in out
-    assert get_teacher(cfg, load_dataset("digits"))[1] == file_sha256(path)
+    assert get_teacher(cfg, 10)[1] == file_sha256(path)
     assert main(["pretrain", "--run-config", "eps=-1"]) == 1
     assert "--run-config key 'eps': expected a number >= 0" in capsys.readouterr().err
 
@@ -232,7 +232,7 @@ def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, caps
     path = teacher_path(tmp_path, teacher_settings(cfg))
     sha256 = file_sha256(path)
     with pytest.raises(TeacherError, match="has not been vetted"):
-        get_teacher(cfg, load_dataset("digits"))
+        get_teacher(cfg, 10)
     capsys.readouterr()
     assert main(["vet", str(path), "--steps", "3"]) == 0
     out = capsys.readouterr().out
@@ -242,7 +242,7 @@ def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, caps
     assert vet["sha256"] == file_sha256(path.with_suffix(".vet.pt")) and len(vet["norms"]) == 10
     assert ("looks BACKDOORED" if vet["backdoored"] else "looks clean") in out
     assert f"written: {path.with_suffix('.vet.pt')}" in out
-    teacher, key = get_teacher(cfg, load_dataset("digits"))
+    teacher, key = get_teacher(cfg, 10)
     assert isinstance(teacher, DetoxifiedTeacher) and key == f"{sha256}+vet:{vet['sha256']}"
     assert main(["vet", str(tmp_path / "absent.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,195 @@
+"""Where a round's time goes: the deployment topology as real processes on loopback, and the Ray
+simulation of the same run, side by side.
+
+Deployment: an insecure SuperLink, `--nodes` SuperNodes (`--isolation process`, each with its own
+ClientApp SuperExec, as in docker/compose.yml) and `flwr run` against them. Simulation: a
+simulation SuperLink and `flwr run --federation-config "num-supernodes=N"`. Both run the default
+PM-AFL app with the run config below; the rounds' timing comes from results.json (`round_seconds`,
+the train and evaluate exchanges, the slowest node's own `..._compute_seconds`).
+
+Per round it prints the round's wall time, the slowest node's compute in the train and evaluate
+exchanges, and the overhead: exchange time minus the slowest node's compute, i.e. process
+start-up, imports, data, the Grid's polling and the SuperNode's own wait for messages (Flower's
+fixed 3 s sleep when it finds none, which no app can change). Then the ratios, measured in this
+run: deployment round time / simulation round time, and overhead per round.
+
+    python bench/deployment.py                          # 3 nodes, 6 rounds
+    python bench/deployment.py --nodes 10 --rounds 3 --set local-epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Processes:
+    """Started processes, each in its own process group, logs in `folder`; all stopped at the end."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self.procs = folder, env, []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.folder / f"{name}.log").open("w")
+        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def start_federation(procs: Processes, folder: Path, simulation: bool, nodes: int) -> None:
+    """An insecure SuperLink on free ports (the CLI's connection `bench` points at it) and, for a
+    deployment, the ServerApp's SuperExec and `nodes` SuperNodes with their SuperExecs. Each node's
+    ClientApps get an equal share of this host's cores (`num-threads`)."""
+    http, control, fleet, health = free_ports(4)
+    (folder / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{http}"\n'
+        "insecure = true\n")
+    procs.start("superlink", [
+        str(BIN / "flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+        "--isolation", "subprocess" if simulation else "process", "--host", "127.0.0.1",
+        "--port", str(http), "--control-api-address", f"127.0.0.1:{control}",
+        "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
+        "--database", str(folder / "superlink.db"), "--disable-runtime-dependency-installation"])
+    wait_for_port(http)
+    if not simulation:
+        procs.start("superexec-serverapp", [str(BIN / "flower-superexec"), "--insecure",
+                                            "--runtime-api-address", f"127.0.0.1:{http}"])
+        threads = max(1, (os.cpu_count() or 1) // nodes)
+        for i, port in enumerate(free_ports(nodes)):
+            procs.start(f"node{i}", [
+                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{http}",
+                "--isolation", "process", "--port", str(port), "--node-config",
+                f"partition-id={i} num-partitions={nodes} num-threads={threads}"])
+            procs.start(f"node{i}-superexec", [str(BIN / "flower-superexec"), "--insecure",
+                                               "--runtime-api-address", f"127.0.0.1:{port}"])
+
+
+def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
+    """One `flwr run` of the app in `kind` ("deployment" or "simulation"); its results rows."""
+    folder = base / kind
+    (folder / "flwr-home").mkdir(parents=True)
+    env = {**os.environ, "FLWR_HOME": str(folder / "flwr-home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    procs = Processes(folder, env)
+    try:
+        start_federation(procs, folder, kind == "simulation", args.nodes)
+        results = folder / "results"
+        run_config = " ".join([f"num-server-rounds={args.rounds}", f"results-dir='{results}'",
+                               f"min-available-nodes={args.nodes}", *args.set])
+        command = [str(BIN / "flwr"), "run", str(ROOT), "bench", "--stream", "--run-config", run_config]
+        if kind == "simulation":
+            command += ["--federation-config",
+                        f"num-supernodes={args.nodes} client-resources-num-cpus=1"]
+        print(f"{kind}: {args.nodes} nodes, {args.rounds} rounds (logs: {folder})", flush=True)
+        with (folder / "flwr-run.log").open("w") as log:
+            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout).returncode
+        deadline = time.time() + 60  # the stream can end just before the last write
+        while time.time() < deadline and not list(results.glob("*/results.json")):
+            time.sleep(0.5)
+        found = list(results.glob("*/results.json"))
+        if code != 0 or not found:
+            raise RuntimeError(f"{kind}: flwr run exited with {code}; see {folder / 'flwr-run.log'}")
+        return json.loads(found[0].read_text())["rounds"][1:]
+    finally:
+        procs.stop_all()
+
+
+def report(kind: str, rows: list[dict]) -> dict[str, float]:
+    print(f"\n{kind}: round  wall_s  train_exchange_s  slowest_train_s  eval_exchange_s  "
+          "slowest_eval_s  overhead_s")
+    overheads = []
+    for r in rows:
+        overhead = (r["train_seconds"] - r["train_compute_seconds"]
+                    + r["evaluate_seconds"] - r["evaluate_compute_seconds"])
+        overheads.append(overhead)
+        print(f"{'':>{len(kind)}}  {r['round']:>5}  {r['round_seconds']:>6.2f}  "
+              f"{r['train_seconds']:>16.2f}  {r['train_compute_seconds']:>15.2f}  "
+              f"{r['evaluate_seconds']:>15.2f}  {r['evaluate_compute_seconds']:>14.2f}  {overhead:>10.2f}")
+    # Round 1 pays one-off costs (the first process per node loads the dataset, Ray starts up).
+    later = rows[1:] or rows
+    return {"round": statistics.median(r["round_seconds"] for r in later),
+            "overhead": statistics.median(overheads[1:] or overheads),
+            "exchanges": statistics.median(1 + (r["evaluate_seconds"] > 0) for r in later)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override, TOML value syntax; repeatable")
+    parser.add_argument("--only", choices=("deployment", "simulation"), help="run only one of them")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per flwr run")
+    parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="pmafl-bench-deployment-"))
+    medians = {}
+    try:
+        for kind in ("deployment", "simulation"):
+            if args.only in (None, kind):
+                medians[kind] = report(kind, run(kind, base, args))
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print("\nmedian over rounds 2 and later:")
+    for kind, m in medians.items():
+        print(f"  {kind}: {m['round']:.2f} s per round, overhead {m['overhead']:.2f} s "
+              f"({m['exchanges']:.0f} exchanges a round; a SuperNode's own poll wait is up to 3 s "
+              "each in deployment)")
+    if len(medians) == 2:
+        print(f"  deployment / simulation round time: "
+              f"{medians['deployment']['round'] / medians['simulation']['round']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
