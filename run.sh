@@ -35,8 +35,13 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 pmafl-teacher pretrain "${configs[@]}"
 
+# Ray hides GPUs from actors that reserve none: with a GPU, ten clients share each one.
+federation="num-supernodes=10 client-resources-num-cpus=1"
+if python -c "import sys, torch; sys.exit(torch.cuda.device_count() == 0)" 2>/dev/null; then
+  federation+=" client-resources-num-gpus=0.1"
+fi
 started=$(date +%s)
-flwr run . --stream --federation-config "num-supernodes=10 client-resources-num-cpus=1" \
+flwr run . --stream --federation-config "$federation" \
   --run-config "results-dir='$PWD/results'" "$@"
 # The log stream can end just before the ServerApp's last write.
 for _ in $(seq 30); do

@@ -158,6 +158,10 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     final = {"cell": cell.__dict__, "results": str(results), **suite,
              "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),
              "overfitting_warnings": [r["warning"] for r in rounds if r.get("warning")],
+             # Payload bytes over the whole run (strategy_utils.payload_bytes): server to clients
+             # and back.
+             "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
+             "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
              "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr")
                          if k in r} for r in rounds]}
     # Written last and atomically: its presence marks the cell finished.
@@ -186,11 +190,16 @@ def report(out: Path, cells: list[Cell]) -> str:
             groups.setdefault((cell.alpha, cell.method), []).append(finals[cell])
     # The backdoor's attack success rate, when the cells' teacher carried one.
     columns = COLUMNS + ((("asr", "backdoor ASR"),) if any("asr" in r for r in finals.values()) else ())
+    megabytes = finals and all("bytes_received" in r for r in finals.values())
     lines = ["| Dirichlet alpha | method | seeds | " + " | ".join(c[1] for c in columns)
-             + " | masking warnings | overfitting warnings |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " | --- | --- |"]
+             + (" | MB up / down" if megabytes else "") + " | masking warnings | overfitting warnings |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in columns) + (" | ---" if megabytes else "")
+             + " | --- | --- |"]
     for (alpha, method), runs in sorted(groups.items()):
         cols = [mean_std([r[key] for r in runs if r.get(key) is not None]) for key, _ in columns]
+        if megabytes:  # clients to server / server to clients, whole run, mean over seeds
+            cols.append(f"{statistics.mean(r['bytes_received'] for r in runs) / 1e6:.2f} / "
+                        f"{statistics.mean(r['bytes_sent'] for r in runs) / 1e6:.2f}")
         masking = sum(len(r["gradient_masking_warnings"]) for r in runs)
         overfitting = sum(len(r.get("overfitting_warnings", [])) for r in runs)
         lines.append(f"| {alpha:g} | {method} | {len(runs)} | " + " | ".join(cols)

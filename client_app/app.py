@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 
+from pmafl.compression import encode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import Split, make_loader
 from pmafl.evaluate import evaluate as evaluate_model
@@ -130,6 +131,21 @@ def _received_model(msg: Message, cfg: RunConfig, data: NodeData, device: torch.
     return model.to(device)
 
 
+def _update(context: Context, model: torch.nn.Module, msg: Message, train_config: TrainConfig
+            ) -> ArrayRecord:
+    """What the reply carries: the trained model, or its update compressed as the server asked
+    (`update-compression`), with this node's error-feedback residual kept in its state."""
+    residual = None
+    if "compression-residual" in context.state:
+        residual = context.state["compression-residual"].to_torch_state_dict()
+    received = msg.content["arrays"].to_torch_state_dict()
+    encoded, residual = encode_update(model.state_dict(), received, train_config.update_compression,
+                                      train_config.topk_fraction, residual)
+    if residual:
+        context.state["compression-residual"] = ArrayRecord(torch_state_dict=residual)
+    return ArrayRecord(torch_state_dict=encoded)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the received global model on this node's partition."""
@@ -165,7 +181,7 @@ def train(msg: Message, context: Context) -> Message:
     if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
     metrics[COMPUTE_SECONDS] = seconds
-    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()),
+    content = RecordDict({"arrays": _update(context, model, msg, train_config),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

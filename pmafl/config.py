@@ -22,6 +22,7 @@ from typing import Any
 
 from pmafl.attacks.pgd import ATTACK_LOSSES
 from pmafl.backdoor import POSITIONS
+from pmafl.compression import COMPRESSIONS
 from pmafl.data import DATASETS
 from pmafl.fedftg import LABEL_COUNTS, VARIANTS
 from pmafl.models import is_known_model, model_names
@@ -168,6 +169,15 @@ class TrainConfig:
     pgd_step_ratio: float = option(0.25, "Step of the training PGD as a fraction of eps.",
                                    low=0, high=1, low_open=True)
     pgd_steps: int = option(10, "PGD steps K for training adversarial examples.", low=1)
+    update_compression: str = option("none", "What a client sends back (`pmafl.compression`): "
+                                     "`none` (its model, float32); `fp16` (its update, the "
+                                     "difference from the global model, in float16); `int8` (the "
+                                     "update quantised to 8 bits per tensor); `topk` (the "
+                                     "`topk-fraction` largest entries of each tensor's update). "
+                                     "The lossy ones keep what they drop for the next round "
+                                     "(error feedback).", choices=COMPRESSIONS)
+    topk_fraction: float = option(0.1, "Share of each tensor's update entries `topk` sends.",
+                                  low=0, high=1, low_open=True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "train config") -> TrainConfig:

@@ -50,7 +50,9 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available on this node")
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available on this node (in "
+                           "the Ray simulation a client sees a GPU only with client-resources-num-gpus"
+                           " > 0 in --federation-config)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

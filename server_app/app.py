@@ -88,16 +88,16 @@ def round_row(server_round: int, result: Any, strategy: PMAFL,
     federated evaluation (`fed_` keys: mean and worst node) when it ran, the round's timing and
     bytes, and the nodes left out (of the average, or of FedFTG's ensemble). Only the `..._seconds`
     keys differ between two runs with one seed."""
+    def snake(metrics: Any, prefix: str = "") -> dict[str, Any]:  # results.json keys: a_b, not a-b
+        return {prefix + key.replace("-", "_"): value for key, value in metrics.items()}
+
     row: dict[str, Any] = {"round": server_round}
     row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
-    train = result.train_metrics_clientapp.get(server_round, {})
-    row.update({key.replace("-", "_"): value for key, value in train.items()})
-    federated = result.evaluate_metrics_clientapp.get(server_round, {})
-    row.update({"fed_" + key.replace("-", "_"): value for key, value in federated.items()})
+    row.update(snake(result.train_metrics_clientapp.get(server_round, {})))
+    row.update(snake(result.evaluate_metrics_clientapp.get(server_round, {}), "fed_"))
     # Timing (`round_seconds`, the exchanges' `train_seconds` / `evaluate_seconds`, the slowest
     # node's `train_compute_seconds` / `evaluate_compute_seconds`) and `bytes_sent` / `bytes_received`.
-    stats = (fedftg or strategy).round_stats.get(server_round, {}) if server_round else {}
-    row.update({key.replace("-", "_"): value for key, value in stats.items()})
+    row.update(snake((fedftg or strategy).round_stats.get(server_round, {}) if server_round else {}))
     row["failures"] = strategy.failures.get(server_round, []) + (
         fedftg.left_out.get(server_round, []) if fedftg else [])
     row["train_eps"] = strategy.round_eps(server_round) if server_round else 0.0

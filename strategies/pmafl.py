@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from pmafl.compression import decode_update
 from pmafl.config import AGGREGATIONS, TrainConfig
 from pmafl.train import warmup_eps
 from strategies.strategy_utils import (
@@ -47,7 +48,10 @@ class PMAFL(RoundLoop, FedAvg):
     global model stays as it was, and after `max_idle_rounds` such rounds in a row the run stops
     with `FederationStalled`. So it does when fewer than `min_available_nodes` nodes are
     connected for longer than `node_wait_timeout` seconds (Flower's sampling would wait for ever).
-    The checkpoint of the last completed round stays intact either way.
+    The checkpoint of the last completed round stays intact either way. With
+    `train_config.update_compression` other than `none`, clients reply with a compressed update
+    (`pmafl.compression`) that is decoded against the global model sent before it is screened; one
+    that cannot be decoded is left out like any malformed reply.
 
     Parameters
     ----------
@@ -89,6 +93,7 @@ class PMAFL(RoundLoop, FedAvg):
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         self.aggregation, self.trim_fraction, self.clip_factor = aggregation, trim_fraction, clip_factor
         self._sent_global = ArrayRecord()
+        self._sent_torch: dict[str, Any] | None = None
         self.train_config = train_config or TrainConfig()
         self.evaluate_every = evaluate_every
         self.eps_warmup_rounds = eps_warmup_rounds
@@ -130,7 +135,7 @@ class PMAFL(RoundLoop, FedAvg):
                                **config})
         self._wait_for_nodes(server_round, grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent_arrays, self._sent_global = array_specs(arrays), arrays
+        self._sent_arrays, self._sent_global, self._sent_torch = array_specs(arrays), arrays, None
         self._sampled["train"] = [msg.metadata.dst_node_id for msg in messages]
         return messages
 
@@ -226,7 +231,8 @@ class PMAFL(RoundLoop, FedAvg):
                 self._fail(server_round, stage, node, f"replied {times[node]} times this round; "
                            "every reply of it is left out")
                 continue
-            problem = (reply_problem(msg.content, expected_arrays, self.weighted_by_key, metric_keys)
+            problem = ((self._decode(msg) if expected_arrays is not None else None)
+                       or reply_problem(msg.content, expected_arrays, self.weighted_by_key, metric_keys)
                        or self._claim_problem(server_round, stage, node, msg))
             if problem:
                 self._fail(server_round, stage, node, f"malformed reply: {problem}")
@@ -238,6 +244,23 @@ class PMAFL(RoundLoop, FedAvg):
             log(INFO, "round %d %s: %d of %d sampled nodes' replies aggregated", server_round,
                 stage, len(valid), len(sampled))
         return valid
+
+    def _decode(self, msg: Message) -> str | None:
+        """With `update-compression`, replace the reply's encoded update by the model it stands
+        for (`pmafl.compression.decode_update` against the global model sent); the reason when it
+        cannot be decoded."""
+        method = self.train_config.update_compression
+        if method == "none" or len(msg.content.array_records) != 1:
+            return None
+        (key, record), = msg.content.array_records.items()
+        if self._sent_torch is None:
+            self._sent_torch = self._sent_global.to_torch_state_dict()
+        try:
+            model = decode_update(record.to_torch_state_dict(), self._sent_torch, method)
+        except ValueError as e:
+            return str(e)
+        msg.content[key] = ArrayRecord(torch_state_dict=model)
+        return None
 
     def _wait_for_nodes(self, server_round: int, grid: Grid) -> None:
         """Wait until `min_available_nodes` are connected, at most `node_wait_timeout` seconds."""

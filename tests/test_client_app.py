@@ -1,11 +1,14 @@
 """The ClientApp's train and evaluate handlers, in process."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import evaluate, train
+from pmafl.compression import decode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.task import build_model, client_split, client_test_split, load_data, prepare_teacher
@@ -216,3 +219,35 @@ def test_num_threads_node_config_sets_torch_threads_and_rejects_bad_values(teach
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="node config key 'num-threads': expected a non-negative"):
         train(msg, context(teachers, **{"num-threads": -2}))
+
+
+def test_a_compressed_reply_decodes_to_the_trained_model_up_to_what_the_residual_keeps(tmp_path):
+    """`update-compression=topk`: the reply carries each tensor's largest update entries; the model
+    the server decodes plus the residual the node keeps is the model it trained."""
+    cfg = RunConfig.from_mapping(RUN)
+    plain_msg, model = instruction(cfg, TrainConfig(objective="ce", local_epochs=1))
+    trained = train(plain_msg, context(tmp_path)).content["arrays"].to_torch_state_dict()
+    msg, _ = instruction(cfg, TrainConfig(objective="ce", local_epochs=1, update_compression="topk",
+                                          topk_fraction=0.25))
+    ctx = context(tmp_path)
+    encoded = train(msg, ctx).content["arrays"].to_torch_state_dict()
+    sent = model.state_dict()
+    assert any(k.endswith("|index") for k in encoded)
+    decoded = decode_update(encoded, sent, "topk")
+    residual = ctx.state["compression-residual"].to_torch_state_dict()
+    for key, value in trained.items():
+        if value.is_floating_point():
+            assert torch.allclose(decoded[key] + residual[key], value, atol=1e-6), key
+            kept = encoded[key + "|index"].numel()
+            assert kept == math.ceil(0.25 * value.numel())
+        else:
+            assert torch.equal(decoded[key], value)
+
+
+def test_asking_for_cuda_without_one_names_the_ray_gpu_resource(monkeypatch):
+    from pmafl.task import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="client-resources-num-gpus > 0"):
+        resolve_device("cuda")

@@ -3,13 +3,10 @@ tests/test_simulation.py.)"""
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
+import compare
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import compare  # noqa: E402
 
 
 def write_final(out, cell, clean, pgd, worst):
@@ -41,6 +38,19 @@ def test_report_is_mean_and_std_over_seeds_of_finished_cells(tmp_path):
     assert (tmp_path / "report.md").read_text().strip() == text.strip()
     for plot in ("rounds.png", "robust_vs_clean.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_the_runs_payload_megabytes_when_every_cell_has_them(tmp_path):
+    cells = [compare.Cell("pmafl", 0.1, s) for s in (0, 1)]
+    for cell, received in zip(cells, (3_000_000, 2_000_000)):
+        write_final(tmp_path, cell, 0.9, 0.4, 0.2)
+        path = tmp_path / "runs" / cell.name / "final.json"
+        final = json.loads(path.read_text())
+        path.write_text(json.dumps({**final, "bytes_received": received, "bytes_sent": 8_000_000}))
+    [row] = [line for line in compare.report(tmp_path, cells).splitlines() if "| pmafl |" in line]
+    assert "| 2.50 / 8.00 |" in row  # mean of 3 and 2 MB up; 8 MB down
+    write_final(tmp_path, compare.Cell("ce", 0.1, 0), 0.9, 0.1, 0.0)  # an older cell: no bytes
+    assert "MB up" not in compare.report(tmp_path, cells + [compare.Cell("ce", 0.1, 0)])
 
 
 def test_bad_arguments_are_refused_before_any_run(capsys):

@@ -7,7 +7,6 @@ checkpoint over the same TLS links."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_simulation import BIN, ROOT, free_ports, kill_serverapp, wait_for_port
+from loopback import Processes, free_ports, wait_for_port
+from test_simulation import BIN, ROOT, kill_serverapp
 
 from pmafl.config import RunConfig
 from pmafl.data import load_dataset
@@ -25,39 +25,6 @@ from pmafl.teacher import save_teacher
 
 sys.path.insert(0, str(ROOT / "docker"))
 from make_credentials import make_credentials  # noqa: E402
-
-
-class Processes:
-    """Every process the test starts, each in its own process group; all stopped at the end."""
-
-    def __init__(self, folder: Path, env: dict) -> None:
-        self.folder, self.env, self.procs = folder, env, {}
-
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = (self.folder / f"{name}.log").open("w")
-        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs.pop(name)
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
 
 
 def wait_for(predicate, timeout, what):

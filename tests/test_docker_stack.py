@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback import free_ports
 from test_deployment import make_teacher, wait_for
-from test_simulation import BIN, ROOT, free_ports
+from test_simulation import BIN, ROOT
 
 sys.path.insert(0, str(ROOT / "docker"))
 from make_credentials import make_credentials  # noqa: E402

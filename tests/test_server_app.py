@@ -53,6 +53,18 @@ def test_federation_writes_per_round_results(tmp_path):
         assert "compute_seconds" not in row
 
 
+def test_an_int8_federation_receives_a_quarter_of_the_bytes_and_learns_alike(tmp_path):
+    """The whole path: nodes quantise their updates, the server decodes and averages them."""
+    overrides = {"objective": "ce", "num-server-rounds": 1, "federated-eval-every": 0}
+    _, plain = run_federation(tmp_path / "plain", **overrides)
+    _, int8 = run_federation(tmp_path / "int8", **overrides, **{"update-compression": "int8"})
+    assert all(r["failures"] == [] for r in int8["rounds"])
+    for p, q in zip(plain["rounds"][1:], int8["rounds"][1:], strict=True):
+        assert q["bytes_sent"] == p["bytes_sent"]
+        assert 0.25 < q["bytes_received"] / p["bytes_received"] < 0.3  # 1 byte a weight, and headers
+        assert abs(q["clean_acc"] - p["clean_acc"]) < 0.05
+
+
 def test_eps_warmup_ramps_the_radius_the_nodes_train_at(tmp_path):
     sent = []
 

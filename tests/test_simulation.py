@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,32 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback import free_ports, wait_for_port
 
 from pmafl.results import without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def wait_for_port(port, log, timeout=60):
-    """Until something listens on 127.0.0.1:`port`; fails with the tail of `log()` otherwise."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"nothing listens on port {port} after {timeout}s: {log()[-2000:]}")
 
 
 @pytest.fixture
