@@ -109,7 +109,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     time of the whole round, central evaluation included), `train-seconds` and
     `evaluate-seconds` (the train and evaluate exchanges, from sending to the last reply),
     `train-compute-seconds` and `evaluate-compute-seconds` (the slowest node's own compute, from
-    the replies' `compute-seconds`), `bytes-sent` and `bytes-received` (`payload_bytes`)."""
+    the replies' `compute-seconds`), `train-replies` (how many came back, valid or not),
+    `bytes-sent` and `bytes-received` (`payload_bytes`)."""
     log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
     strategy.summary()
     train_config = train_config or ConfigRecord()
@@ -129,7 +130,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
         t_train = time.monotonic()
         replies = exchange(grid, messages, timeout)
         round_stats = {"train-seconds": time.monotonic() - t_train,
-                       "train-compute-seconds": _take_compute_seconds(replies)}
+                       "train-compute-seconds": _take_compute_seconds(replies),
+                       "train-replies": len(replies)}
         received = payload_bytes(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:

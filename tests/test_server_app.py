@@ -45,6 +45,7 @@ def test_federation_writes_per_round_results(tmp_path):
     model_bytes = sum(len(array.data) for array in model.values())
     for row in results["rounds"][1:]:
         assert row["bytes_sent"] == 6 * model_bytes and row["bytes_received"] == 3 * model_bytes
+        assert row["train_replies"] == 3
         # Timing: the slowest node's own compute within its exchange, both within the round; the
         # nodes' compute-seconds never reach the averaged metrics.
         assert 0 < row["train_compute_seconds"] <= row["train_seconds"]
