@@ -6,7 +6,7 @@
 # missing. Where the torch index (download.pytorch.org) cannot be reached, the app image takes
 # torch from the wheels this machine's .venv was installed from (docker/local/wheels); where
 # the host's pip trusts a CA bundle of its own, the image builds trust it too (docker/local/ca.crt).
-# Extra arguments go to pytest. About 20 minutes the first time (images), 10 after.
+# Extra arguments go to pytest. About 25 minutes the first time (images), 12 after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "docker/selftest.sh: run as root (the engine, nsenter, iptables)" >&2; exit 1; }

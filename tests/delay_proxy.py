@@ -3,12 +3,19 @@ one-way latency for the connections that go through it, without the kernel's net
 machines this project is developed on lack). Bytes pass through untouched, so TLS still ends at
 the real SuperLink. Standard library only: the docker test runs it inside a container.
 
+While the target is down (a SuperLink restarting), an accepted connection waits for it, retrying
+for up to UPSTREAM_WAIT seconds, as a client's own connect would keep retrying its SYNs on a real
+path. Closing it at once instead would end the client's TLS handshake with an EOF, which Flower
+1.41's SuperNode treats as a fatal TLS error: it gives up for good (see docs/deployment.md).
+
     python delay_proxy.py LISTEN_PORT TARGET_HOST:TARGET_PORT DELAY_SECONDS
 """
 
 import asyncio
 import sys
 import time
+
+UPSTREAM_WAIT = 60.0
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -39,11 +46,16 @@ async def main(port: int, target: str, delay: float) -> None:
     host, target_port = target.rsplit(":", 1)
 
     async def handle(client_reader, client_writer) -> None:
-        try:
-            server_reader, server_writer = await asyncio.open_connection(host, int(target_port))
-        except OSError:
-            client_writer.close()
-            return
+        deadline = time.monotonic() + UPSTREAM_WAIT
+        while True:
+            try:
+                server_reader, server_writer = await asyncio.open_connection(host, int(target_port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    client_writer.close()
+                    return
+                await asyncio.sleep(0.5)
         await asyncio.gather(pipe(client_reader, server_writer, delay),
                              pipe(server_reader, client_writer, delay))
 
