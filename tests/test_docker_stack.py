@@ -15,8 +15,8 @@ PM-AFL federation runs through faults between them:
 * the SuperLink container is restarted mid-run: with the state overlay it keeps its registered
   nodes and the run, which finishes (`flwr run --stream` loses its stream; `flwr log` reattaches).
 
-Marked `docker`: the default test run deselects it (about 12 minutes once the images are built). Run it with
-`python -m pytest -m docker` or `docker/selftest.sh` (which also installs the engine and Compose).
+Marked `docker`: the default test run deselects it (about 12 minutes once the images are
+built, 20 before). Run it with `python -m pytest -m docker` or `docker/selftest.sh` (which also installs the engine and Compose).
 It needs root (nsenter, iptables, the key files' owner) and a running Docker engine; it skips
 with the reason otherwise. The compose project is `pmafl-selftest`, so a stack of your own is left
 alone; the test removes its containers, volumes and networks at the end."""
@@ -249,6 +249,7 @@ def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
         return {f["node"] for f in row["failures"] if f["stage"] == "train"}
 
     assert node_ids[1] in left_out(by_round[2]), by_round[2]["failures"]
+    assert node_ids[1] not in left_out(by_round[3]), by_round[3]["failures"]  # its link is back
     if not started:
         # Killed before it started round 3's ClientApp: the SuperNode still holds the message and
         # hands it to the restarted SuperExec, so node 0 takes part in round 3 after all.
