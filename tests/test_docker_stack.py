@@ -18,8 +18,9 @@ PM-AFL federation runs through faults between them:
 Marked `docker`: the default test run deselects it (about 12 minutes once the images are
 built, 20 before). Run it with `python -m pytest -m docker` or `docker/selftest.sh` (which also
 installs the engine and Compose). It needs root (nsenter, iptables, the key files' owner) and a
-running Docker engine; it skips with the reason otherwise. The compose project is `pmafl-selftest`, so a stack of your own is left
-alone; the test removes its containers, volumes and networks at the end."""
+running Docker engine; it skips with the reason otherwise. The compose project is
+`pmafl-selftest`, so a stack of your own is left alone; the test removes its containers, volumes
+and networks at the end."""
 
 import json
 import os
