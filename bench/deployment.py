@@ -10,8 +10,11 @@ the train and evaluate exchanges, the slowest node's own `..._compute_seconds`).
 Per round it prints the round's wall time, the slowest node's compute in the train and evaluate
 exchanges, and the overhead: exchange time minus the slowest node's compute, i.e. process
 start-up, imports, data, the Grid's polling and the SuperNode's own wait for messages (Flower's
-fixed 3 s sleep when it finds none, which no app can change). Then the ratios, measured in this
-run: deployment round time / simulation round time, and overhead per round.
+fixed 3 s sleep when it finds none, which no app can change). It also prints the longest ClientApp
+start-up of the train exchange (a fresh process's start to its first training step, the replies'
+`startup-seconds`), against a fresh interpreter's `import torch` timed here. Then the figures,
+measured in this run: deployment round time / simulation round time, overhead per round, and
+start-up beyond `import torch`.
 
     python bench/deployment.py                          # 3 nodes, 6 rounds
     python bench/deployment.py --nodes 10 --rounds 3 --set local-epochs=1
@@ -65,6 +68,17 @@ def start_federation(procs: Processes, folder: Path, simulation: bool, nodes: in
                                                "--runtime-api-address", f"127.0.0.1:{port}"])
 
 
+def import_torch_seconds(repeats: int = 3) -> float:
+    """Median wall time of a fresh interpreter that imports torch: the floor of any ClientApp's
+    start-up."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
     """One `flwr run` of the app in `kind` ("deployment" or "simulation"); its results rows."""
     folder = base / kind
@@ -99,7 +113,7 @@ def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
 
 def report(kind: str, rows: list[dict]) -> dict[str, float]:
     print(f"\n{kind}: round  wall_s  train_exchange_s  slowest_train_s  eval_exchange_s  "
-          "slowest_eval_s  overhead_s")
+          "slowest_eval_s  overhead_s  train_startup_s")
     overheads = []
     for r in rows:
         overhead = (r["train_seconds"] - r["train_compute_seconds"]
@@ -107,12 +121,14 @@ def report(kind: str, rows: list[dict]) -> dict[str, float]:
         overheads.append(overhead)
         print(f"{'':>{len(kind)}}  {r['round']:>5}  {r['round_seconds']:>6.2f}  "
               f"{r['train_seconds']:>16.2f}  {r['train_compute_seconds']:>15.2f}  "
-              f"{r['evaluate_seconds']:>15.2f}  {r['evaluate_compute_seconds']:>14.2f}  {overhead:>10.2f}")
+              f"{r['evaluate_seconds']:>15.2f}  {r['evaluate_compute_seconds']:>14.2f}  {overhead:>10.2f}  "
+              f"{r.get('train_startup_seconds', 0.0):>15.2f}")
     # Round 1 pays one-off costs (the first process per node loads the dataset, Ray starts up).
     later = rows[1:] or rows
     return {"round": statistics.median(r["round_seconds"] for r in later),
             "overhead": statistics.median(overheads[1:] or overheads),
-            "exchanges": statistics.median(1 + (r["evaluate_seconds"] > 0) for r in later)}
+            "exchanges": statistics.median(1 + (r["evaluate_seconds"] > 0) for r in later),
+            "startup": statistics.median(r.get("train_startup_seconds", 0.0) for r in later)}
 
 
 def main() -> None:
@@ -128,6 +144,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="pmafl-bench-deployment-"))
+    torch_seconds = import_torch_seconds()
     medians = {}
     try:
         for kind in ("deployment", "simulation"):
@@ -141,6 +158,10 @@ def main() -> None:
         print(f"  {kind}: {m['round']:.2f} s per round, overhead {m['overhead']:.2f} s "
               f"({m['exchanges']:.0f} exchanges a round; a SuperNode's own poll wait is up to 3 s "
               "each in deployment)")
+    if "deployment" in medians:
+        startup = medians["deployment"]["startup"]
+        print(f"  deployment ClientApp start-up to its first training step: {startup:.2f} s, "
+              f"{startup - torch_seconds:.2f} s beyond a fresh `import torch` ({torch_seconds:.2f} s)")
     if len(medians) == 2:
         print(f"  deployment / simulation round time: "
               f"{medians['deployment']['round'] / medians['simulation']['round']:.2f}")

@@ -11,12 +11,14 @@ partition and local test split, the teacher's logits on its images) is kept in t
 (`context.state`), so that a later round's process starts training without loading the dataset.
 Every reply carries `compute-seconds`, the time of the local training (or evaluation) itself, for
 the round loop's timing: everything else a round takes (process start-up, imports, loading data and
-teacher, the wait for messages) is overhead.
+teacher, the wait for messages) is overhead. The first reply of a process also carries
+`startup-seconds`, the time from the process's start to that compute (Linux only: read from /proc).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -41,13 +43,37 @@ from pmafl.task import (
     node_data_key,
     resolve_device,
 )
-from pmafl.train import COMPUTE_SECONDS, pmafl_train
+from pmafl.train import COMPUTE_SECONDS, STARTUP_SECONDS, pmafl_train
 
 app = ClientApp()
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
 # progress) in the run's log stream.
 logging.getLogger("pmafl").setLevel(logging.INFO)
 logging.getLogger("pmafl").handlers = FLOWER_LOGGER.handlers
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started, to 10 ms (from /proc; None where there is none)."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, starttime: clock ticks after boot
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+_started_compute = False  # has this process begun a message's compute yet?
+
+
+def _startup_seconds() -> dict[str, float]:
+    """`startup-seconds` for the first message a process handles (in deployment, every message:
+    each starts a fresh process; in a simulation, an actor's first), else nothing."""
+    global _started_compute
+    first, _started_compute = not _started_compute, True
+    age = _process_age() if first else None
+    return {STARTUP_SECONDS: age} if age is not None else {}
 
 
 def _node_partition(context: Context) -> tuple[int, int]:
@@ -173,6 +199,7 @@ def train(msg: Message, context: Context) -> Message:
     features = None
     if train_config.robustkd_weight > 0:
         features = _feature_distiller(context, model, teacher, cfg, images.to(device), train_config, seed)
+    startup = _startup_seconds()
     start = time.perf_counter()
     metrics = pmafl_train(model, teacher, loader, train_config, features)
     seconds = time.perf_counter() - start
@@ -180,7 +207,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
     if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
-    metrics[COMPUTE_SECONDS] = seconds
+    metrics.update({COMPUTE_SECONDS: seconds, **startup})
     content = RecordDict({"arrays": _update(context, model, msg, train_config),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -200,9 +227,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _received_model(msg, cfg, data, device)
     torch.manual_seed(client_seed(cfg.seed, int(msg.content["config"].get("server-round", 0)),
                                   partition_id))
+    startup = _startup_seconds()
     start = time.perf_counter()
     scores = evaluate_model(model, images, labels, train_config.eps, cfg.eval_steps,
                             cfg.batch_size * 8)
     metrics = MetricRecord({**scores, "num-examples": len(labels),
-                            COMPUTE_SECONDS: time.perf_counter() - start})
+                            COMPUTE_SECONDS: time.perf_counter() - start, **startup})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -24,6 +24,9 @@ from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller, architecture
 # The metric in which a ClientApp reports the time of its local training or evaluation itself
 # (seconds): the round loop keeps the slowest and takes it out of the metrics.
 COMPUTE_SECONDS = "compute-seconds"
+# ... and, in the first reply of a fresh process, the seconds from that process's start to the
+# start of that compute: interpreter, imports, loading data and teacher (the ClientApp's start-up).
+STARTUP_SECONDS = "startup-seconds"
 
 
 def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore import log
 
 from pmafl.config import AGGREGATIONS
-from pmafl.train import COMPUTE_SECONDS
+from pmafl.train import COMPUTE_SECONDS, STARTUP_SECONDS
 
 
 class RoundLoop:
@@ -76,15 +76,16 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
     return replies
 
 
-def _take_compute_seconds(replies: list[Message]) -> float:
-    """The slowest reply's `compute-seconds` (0 when none carries it), taken out of every reply's
-    metrics: timing would otherwise enter the averaged metrics, which must not depend on load."""
+def _take_seconds(replies: list[Message], key: str) -> float:
+    """The largest `key` (a timing such as `compute-seconds`; 0 when no reply carries it), taken
+    out of every reply's metrics: timing would otherwise enter the averaged metrics, which must
+    not depend on load."""
     slowest = 0.0
     for msg in replies:
         if msg.has_content():
             for record in msg.content.metric_records.values():
-                if COMPUTE_SECONDS in record:
-                    value = record.pop(COMPUTE_SECONDS)
+                if key in record:
+                    value = record.pop(key)
                     if isinstance(value, int | float) and math.isfinite(value):
                         slowest = max(slowest, float(value))
     return slowest
@@ -109,8 +110,10 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     time of the whole round, central evaluation included), `train-seconds` and
     `evaluate-seconds` (the train and evaluate exchanges, from sending to the last reply),
     `train-compute-seconds` and `evaluate-compute-seconds` (the slowest node's own compute, from
-    the replies' `compute-seconds`), `train-replies` (how many came back, valid or not),
-    `bytes-sent` and `bytes-received` (`payload_bytes`)."""
+    the replies' `compute-seconds`), `train-startup-seconds` and `evaluate-startup-seconds` (the
+    longest ClientApp start-up among the replies that carry one: `startup-seconds`, sent by a
+    fresh process; 0 when none does, as in a simulation's later rounds), `train-replies` (how
+    many came back, valid or not), `bytes-sent` and `bytes-received` (`payload_bytes`)."""
     log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
     strategy.summary()
     train_config = train_config or ConfigRecord()
@@ -130,7 +133,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
         t_train = time.monotonic()
         replies = exchange(grid, messages, timeout)
         round_stats = {"train-seconds": time.monotonic() - t_train,
-                       "train-compute-seconds": _take_compute_seconds(replies),
+                       "train-compute-seconds": _take_seconds(replies, COMPUTE_SECONDS),
+                       "train-startup-seconds": _take_seconds(replies, STARTUP_SECONDS),
                        "train-replies": len(replies)}
         received = payload_bytes(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -144,7 +148,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
         t_evaluate = time.monotonic()
         replies = exchange(grid, messages, timeout) if messages else []
         round_stats.update({"evaluate-seconds": time.monotonic() - t_evaluate if messages else 0.0,
-                            "evaluate-compute-seconds": _take_compute_seconds(replies)})
+                            "evaluate-compute-seconds": _take_seconds(replies, COMPUTE_SECONDS),
+                            "evaluate-startup-seconds": _take_seconds(replies, STARTUP_SECONDS)})
         received += payload_bytes(replies)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         if evaluate_metrics is not None:

@@ -1,13 +1,17 @@
 """The ClientApp's train and evaluate handlers, in process."""
 
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import evaluate, train
+from client_app.app import _process_age, evaluate, train
 from pmafl.compression import decode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.evaluate import evaluate as evaluate_model
@@ -206,6 +210,32 @@ def test_a_later_round_reads_the_partition_from_the_node_state(teachers, monkeyp
     with pytest.raises(AssertionError, match="loaded again"):
         ctx.run_config = {**RUN, "seed": 1}
         train(instruction(cfg, train_config)[0], ctx)
+
+
+def test_only_the_first_message_of_a_process_reports_its_startup(teachers, monkeypatch):
+    """In deployment each message is a fresh process, whose start-up (interpreter, imports, data,
+    teacher) is overhead: its first reply says how long it took; a later one in the same process
+    (a simulation's actor) says nothing."""
+    monkeypatch.setattr("client_app.app._started_compute", False)
+    cfg = RunConfig.from_mapping(RUN)
+    train_config = TrainConfig(local_epochs=1, pgd_steps=1)
+    ctx = context(teachers)
+    first = train(instruction(cfg, train_config)[0], ctx).content["metrics"]
+    age = _process_age()
+    assert 0 < first["startup-seconds"] < age
+    assert "startup-seconds" not in train(instruction(cfg, train_config)[0], ctx).content["metrics"]
+    assert "startup-seconds" not in evaluate(instruction(cfg, train_config)[0], ctx).content["metrics"]
+
+
+def test_process_age_is_the_time_since_the_process_started():
+    """Against the parent's clock: a child that sleeps 1 s after starting reports at least that,
+    and at most the time the parent waited for it."""
+    code = "import time; time.sleep(1.0); from client_app.app import _process_age; print(_process_age())"
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    elapsed = time.monotonic() - start
+    assert 1.0 <= float(out) <= elapsed + 0.02  # /proc counts in 10 ms ticks
 
 
 def test_num_threads_node_config_sets_torch_threads_and_rejects_bad_values(teachers):

@@ -51,7 +51,8 @@ def test_federation_writes_per_round_results(tmp_path):
         assert 0 < row["train_compute_seconds"] <= row["train_seconds"]
         assert 0 < row["evaluate_compute_seconds"] <= row["evaluate_seconds"]
         assert row["train_seconds"] + row["evaluate_seconds"] <= row["round_seconds"]
-        assert "compute_seconds" not in row
+        assert "compute_seconds" not in row and "startup_seconds" not in row
+        assert row["train_startup_seconds"] >= 0 and row["evaluate_startup_seconds"] >= 0
 
 
 def test_an_int8_federation_receives_a_quarter_of_the_bytes_and_learns_alike(tmp_path):
