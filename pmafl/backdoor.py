@@ -6,6 +6,12 @@ carries a backdoor, distillation can hand it to the global model. `backdoor-rate
 in the teacher at pre-training (`pmafl-teacher pretrain`), so that the threat and the RobustKD
 defence can be measured. The default attack is BackdoorBench's BadNets: all-to-one, target
 class 0, a 3x3 white square at the bottom-right, 10% poisoning.
+
+A teacher's backdoor reaches a distilled student only through inputs that carry the trigger.
+`backdoor-client-rate` > 0 stamps the trigger on that share of every client's training images,
+true labels kept (an attacker who can mark inputs but not labels, e.g. a sticker in the field):
+the teacher sends those images to the target class, and a student that distils from its soft
+labels learns the same rule.
 """
 
 from __future__ import annotations
@@ -38,13 +44,14 @@ class Trigger:
                              f"{self.position!r}")
 
     def stamp(self, images: torch.Tensor) -> torch.Tensor:
-        """A copy of `images` (N x C x H x W, in [0, 1]) with the trigger stamped on."""
+        """A copy of `images` (N x C x H x W, floats in [0, 1] or uint8 in [0, 255]) with the
+        trigger stamped on."""
         if self.patch > min(images.shape[-2:]):
             raise ValueError(f"a {self.patch}x{self.patch} trigger does not fit "
                              f"{tuple(images.shape[-2:])} images")
         out = images.clone()
         rows = slice(-self.patch, None) if self.position == "bottom-right" else slice(0, self.patch)
-        out[..., rows, rows] = self.value
+        out[..., rows, rows] = self.value if images.is_floating_point() else round(self.value * 255)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,9 +59,11 @@ class Trigger:
 
 
 def poison(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, rate: float,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           seed: int = 0, relabel: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BadNets poisoning: round(rate * N) images, drawn among those not of the target class, get
-    the trigger and the target label. Returns the new images, labels and the poisoned indices."""
+    the trigger and (with `relabel`) the target label; `relabel=False` keeps their true labels
+    (the trigger only appears in the data). Returns the new images, labels and the stamped
+    indices."""
     if not 0 <= rate < 1:
         raise ValueError(f"poison rate must be in [0, 1), got {rate}")
     candidates = torch.nonzero(labels != trigger.target).squeeze(1)
@@ -63,7 +72,8 @@ def poison(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, rate: f
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
     images, labels = images.clone(), labels.clone()
     images[chosen] = trigger.stamp(images[chosen])
-    labels[chosen] = trigger.target
+    if relabel:
+        labels[chosen] = trigger.target
     return images, labels, chosen
 
 

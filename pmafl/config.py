@@ -262,6 +262,10 @@ class RunConfig:
                                   "relabelled `backdoor-target` at pre-training (0: a clean "
                                   "teacher). Runs with a trigger also report its attack success "
                                   "rate (ASR).", low=0, high=0.5)
+    backdoor_client_rate: float = option(0.0, "Share of every client's training images stamped "
+                                         "with the backdoor trigger, true labels kept (the threat "
+                                         "under which a teacher's backdoor reaches a distilled "
+                                         "student; 0: clean client data).", low=0, high=0.5)
     backdoor_target: int = option(0, "Target class of the backdoor (all-to-one).", low=0)
     backdoor_patch: int = option(3, "Side in pixels of the square trigger.", low=1)
     backdoor_value: float = option(1.0, "Pixel value of the trigger (1: white).", low=0, high=1)

@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from pmafl.backdoor import Trigger
+from pmafl.backdoor import Trigger, poison
 from pmafl.config import ConfigError, RunConfig
 from pmafl.data import (
     SPLIT_SEED,
@@ -75,10 +75,17 @@ def build_model(cfg: RunConfig, data: FederatedData | NodeData) -> Normalized:
 
 @functools.lru_cache(maxsize=64)
 def client_split(cfg: RunConfig, data: FederatedData, partition_id: int, num_partitions: int) -> Split:
-    """A client's share of the pool (cached: the partitioner runs once per process, not per round)."""
+    """A client's share of the pool (cached: the partitioner runs once per process, not per round).
+    With `backdoor-client-rate` > 0, that share of its images carries the trigger (labels kept)."""
     index = partition_indices(data.pool.labels.numpy(), num_partitions, partition_id,
                               cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_partition, cfg.seed)
-    return data.pool.subset(index)
+    split = data.pool.subset(index)
+    if cfg.backdoor_client_rate == 0:
+        return split
+    images, labels, _ = poison(split.images, split.labels, backdoor_trigger(cfg, data),
+                               cfg.backdoor_client_rate, client_seed(cfg.seed, 0, partition_id),
+                               relabel=False)
+    return Split(images, labels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,12 +135,15 @@ def node_data_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str
                        "dirichlet-alpha": cfg.dirichlet_alpha,
                        "classes-per-partition": cfg.classes_per_partition, "seed": cfg.seed,
                        "eval-examples": cfg.eval_examples, "split-seed": SPLIT_SEED,
+                       "backdoor-client-rate": cfg.backdoor_client_rate,
+                       "trigger": trigger.to_dict() if (trigger := backdoor_trigger(cfg)) else None,
                        "partition": [partition_id, num_partitions]}, sort_keys=True)
 
 
 def backdoor_trigger(cfg: RunConfig, data: FederatedData | None = None) -> Trigger | None:
-    """The run's backdoor trigger, None for a clean teacher (`backdoor-rate` 0)."""
-    if cfg.backdoor_rate == 0:
+    """The run's backdoor trigger: None when neither the teacher (`backdoor-rate`) nor the
+    clients' data (`backdoor-client-rate`) carries one."""
+    if cfg.backdoor_rate == 0 and cfg.backdoor_client_rate == 0:
         return None
     if data is not None and cfg.backdoor_target >= data.num_classes:
         raise ConfigError(f"run config key 'backdoor-target': expected a class in [0, "
@@ -160,7 +170,7 @@ def teacher_settings(cfg: RunConfig) -> dict:
                 "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
                 "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
     trigger = backdoor_trigger(cfg)
-    if trigger is not None:
+    if cfg.backdoor_rate > 0:
         settings["backdoor"] = {"rate": cfg.backdoor_rate, **trigger.to_dict()}
     return settings
 

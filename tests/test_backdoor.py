@@ -1,5 +1,6 @@
-"""The backdoor threat: the trigger, BadNets poisoning, the attack success rate by hand, and a
-teacher pre-trained with a planted backdoor (its own cache entry, its ASR in its record)."""
+"""The backdoor threat: the trigger, BadNets poisoning, the attack success rate by hand, a
+teacher pre-trained with a planted backdoor (its own cache entry, its ASR in its record), and
+client data that carries the trigger, through which a PM-AFL student inherits the backdoor."""
 
 import json
 
@@ -10,7 +11,18 @@ from torch import nn
 from pmafl.backdoor import Trigger, attack_success_rate, poison
 from pmafl.config import ConfigError, RunConfig
 from pmafl.eval_cli import run as evaluate_cli
-from pmafl.task import backdoor_trigger, load_data, prepare_teacher, teacher_settings
+from pmafl.config import TrainConfig
+from pmafl.data import make_loader
+from pmafl.task import (
+    backdoor_trigger,
+    build_model,
+    client_split,
+    load_data,
+    node_data_key,
+    prepare_teacher,
+    teacher_settings,
+)
+from pmafl.train import pmafl_train
 
 
 def test_trigger_stamps_exactly_its_square():
@@ -38,6 +50,18 @@ def test_poison_relabels_the_given_share_of_non_target_images():
     rest[chosen] = False
     assert torch.equal(new_images[rest], images[rest]) and torch.equal(new_labels[rest], labels[rest])
     assert torch.equal(poison(images, labels, Trigger(target=2, patch=1), 0.3, seed=1)[2], chosen)
+    # relabel=False: the same images stamped, every label kept.
+    kept_images, kept_labels, kept = poison(images, labels, Trigger(target=2, patch=1), 0.3, seed=1,
+                                            relabel=False)
+    assert torch.equal(kept, chosen) and torch.equal(kept_images, new_images)
+    assert torch.equal(kept_labels, labels)
+
+
+def test_a_uint8_image_gets_the_trigger_value_in_0_255():
+    images = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    stamped = Trigger(patch=2, value=0.5).stamp(images)
+    assert stamped.dtype == torch.uint8 and stamped[0, 0, 2:, 2:].eq(128).all()
+    assert stamped.sum() == 4 * 128
 
 
 class CornerDetector(nn.Module):
@@ -63,18 +87,26 @@ def test_attack_success_rate_by_hand():
     assert attack_success_rate(CornerDetector(), images, labels, Trigger(target=1, patch=1)) == 0.0
 
 
-RUN = {"teacher-objective": "ce", "teacher-epochs": 15}
+RUN = {"teacher-objective": "ce", "teacher-epochs": 15, "backdoor-patch": 2}
 
 
-def test_a_backdoored_teacher_is_its_own_cache_entry_and_carries_the_backdoor(tmp_path):
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A clean and a backdoored (BadNets, 10%, 2x2 square, target 0) plain-CE digits teacher."""
+    cache = str(tmp_path_factory.mktemp("teachers"))
     clean_cfg = RunConfig.from_mapping(RUN)
-    bad_cfg = RunConfig.from_mapping({**RUN, "backdoor-rate": 0.1, "backdoor-patch": 2})
+    bad_cfg = RunConfig.from_mapping({**RUN, "backdoor-rate": 0.1})
+    data = load_data(clean_cfg)
+    return data, prepare_teacher(clean_cfg, data, cache), prepare_teacher(bad_cfg, data, cache)
+
+
+def test_a_backdoored_teacher_is_its_own_cache_entry_and_carries_the_backdoor(teachers):
+    clean_cfg = RunConfig.from_mapping(RUN)
+    bad_cfg = RunConfig.from_mapping({**RUN, "backdoor-rate": 0.1})
     assert "backdoor" not in teacher_settings(clean_cfg)
     assert teacher_settings(bad_cfg)["backdoor"] == {"rate": 0.1, "target": 0, "patch": 2,
                                                      "value": 1.0, "position": "bottom-right"}
-    data = load_data(clean_cfg)
-    clean, _, clean_path = prepare_teacher(clean_cfg, data, str(tmp_path))
-    bad, _, bad_path = prepare_teacher(bad_cfg, data, str(tmp_path))
+    data, (clean, _, clean_path), (bad, _, bad_path) = teachers
     assert clean_path != bad_path
     trigger = backdoor_trigger(bad_cfg, data)
     images, labels = data.test.tensors()
@@ -86,6 +118,45 @@ def test_a_backdoored_teacher_is_its_own_cache_entry_and_carries_the_backdoor(tm
     # pmafl-evaluate reads the trigger from the teacher's record.
     report = evaluate_cli([str(bad_path), "--attacks", "fgsm", "--sweep", "0", "--limit", "100"])
     assert report["trigger"]["patch"] == 2 and report["asr"] > 0.8
+
+
+def test_client_data_carries_the_trigger_with_true_labels():
+    cfg = RunConfig.from_mapping({**RUN, "backdoor-client-rate": 0.2})
+    clean_cfg = RunConfig.from_mapping(RUN)
+    data = load_data(cfg)
+    clean, stamped = client_split(clean_cfg, data, 1, 3), client_split(cfg, data, 1, 3)
+    assert torch.equal(stamped.labels, clean.labels)
+    changed = torch.nonzero((stamped.images != clean.images).flatten(1).any(1)).squeeze(1)
+    # Every chosen image gets the 2x2 white square; one that already had it would not show.
+    chosen = poison(clean.images, clean.labels, backdoor_trigger(cfg), 0.2,
+                    seed=cfg.seed * 1_000_003 + 1, relabel=False)[2]
+    assert len(chosen) == round(0.2 * len(clean)) and set(changed.tolist()) <= set(chosen.tolist())
+    assert len(changed) > 0.9 * len(chosen) and (clean.labels[chosen] != 0).all()
+    assert stamped.images[chosen][..., -2:, -2:].eq(255).all()
+    # The data key tells the two apart (a node never reuses the wrong copy); the teacher is the same.
+    assert node_data_key(cfg, 1, 3) != node_data_key(clean_cfg, 1, 3)
+    assert teacher_settings(cfg) == teacher_settings(clean_cfg)
+
+
+def distilled_asr(data, teacher, client_rate: float) -> float:
+    """ASR on the test split of a student that distils with PM-AFL (one-step attack, for speed)
+    from `teacher` on the whole pool, `client_rate` of it stamped with the trigger."""
+    cfg = RunConfig.from_mapping({**RUN, "backdoor-rate": 0.1, "backdoor-client-rate": client_rate})
+    split = client_split(cfg, data, 0, 1)
+    torch.manual_seed(0)
+    student = build_model(cfg, data)
+    pmafl_train(student, teacher, make_loader(*split.tensors(), batch_size=64, shuffle=True),
+                TrainConfig(local_epochs=6, train_attack="fgsm-rs"))
+    return attack_success_rate(student, *data.test.tensors(), backdoor_trigger(cfg))
+
+
+def test_a_pmafl_student_inherits_the_backdoor_only_through_stamped_client_data(teachers):
+    """PM-AFL's KD terms use no labels: where the clients' images carry the trigger, the teacher's
+    soft labels teach the student to send them to the target class, true labels or not."""
+    data, _, (bad, _, _) = teachers
+    bad.requires_grad_(False)
+    assert distilled_asr(data, bad, 0.0) < 0.3
+    assert distilled_asr(data, bad, 0.2) > 0.6
 
 
 def test_a_target_class_or_patch_out_of_range_is_refused_by_name():
