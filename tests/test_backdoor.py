@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from pmafl.backdoor import Trigger, attack_success_rate, poison
-from pmafl.config import ConfigError, RunConfig
-from pmafl.eval_cli import run as evaluate_cli
-from pmafl.config import TrainConfig
+from pmafl.config import ConfigError, RunConfig, TrainConfig
 from pmafl.data import make_loader
+from pmafl.eval_cli import run as evaluate_cli
 from pmafl.task import (
     backdoor_trigger,
     build_model,
