@@ -129,6 +129,7 @@ def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> NodeDat
 def node_data_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
     """Everything that decides a node's `NodeData`, as one string: a kept copy is reused only
     when it matches."""
+    trigger = backdoor_trigger(cfg)
     return json.dumps({"dataset": cfg.dataset, "data-dir": cfg.data_dir,
                        "public-fraction": cfg.public_fraction,
                        "max-train-examples": cfg.max_train_examples, "partitioner": cfg.partitioner,
@@ -136,7 +137,7 @@ def node_data_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str
                        "classes-per-partition": cfg.classes_per_partition, "seed": cfg.seed,
                        "eval-examples": cfg.eval_examples, "split-seed": SPLIT_SEED,
                        "backdoor-client-rate": cfg.backdoor_client_rate,
-                       "trigger": trigger.to_dict() if (trigger := backdoor_trigger(cfg)) else None,
+                       "trigger": trigger.to_dict() if trigger else None,
                        "partition": [partition_id, num_partitions]}, sort_keys=True)
 
 
@@ -169,9 +170,8 @@ def teacher_settings(cfg: RunConfig) -> dict:
     settings = {"dataset": cfg.dataset, "model": cfg.teacher_model, "objective": cfg.teacher_objective,
                 "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
                 "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
-    trigger = backdoor_trigger(cfg)
     if cfg.backdoor_rate > 0:
-        settings["backdoor"] = {"rate": cfg.backdoor_rate, **trigger.to_dict()}
+        settings["backdoor"] = {"rate": cfg.backdoor_rate, **backdoor_trigger(cfg).to_dict()}
     return settings
 
 
