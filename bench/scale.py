@@ -46,16 +46,16 @@ class PeakWorkerMemory(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self.workers, self._stop = 0, 0, threading.Event()
+        self.peak, self.workers, self._done = 0, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._done.wait(1.0):
             sizes = ray_worker_rss()
             self.peak = max([self.peak, *sizes])
             self.workers = max(self.workers, len(sizes))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
