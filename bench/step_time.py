@@ -38,9 +38,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_objective(objective: str, attack: str, kdiga_weight: float, args: argparse.Namespace,
-                   batches: int) -> float:
+                   device: torch.device, batches: int) -> float:
     torch.manual_seed(0)
-    device = resolve_device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     shape = (args.batch * batches, args.channels, args.image_size, args.image_size)
     images, labels = torch.rand(shape), torch.randint(0, 10, (shape[0],))
@@ -90,8 +89,8 @@ def main() -> None:
              *((obj, attack, 0.0) for attack in ("pgd", "fgsm-rs")
                for obj in ("pgd-at", "trades", "calfat", "pmafl")),
              ("pmafl", "pgd", 1.0), ("pmafl", "fgsm-rs", 1.0)]
-    times = {cell: time_objective(*cell, args, batches=4) for cell in cells}
     device = resolve_device(args.device)
+    times = {cell: time_objective(*cell, args, device, batches=4) for cell in cells}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {torch.get_num_threads()} threads")
     layout = ", channels-last" if args.channels_last else ""
