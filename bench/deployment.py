@@ -2,7 +2,9 @@
 simulation of the same run, side by side.
 
 Deployment: an insecure SuperLink, `--nodes` SuperNodes (`--isolation process`, each with its own
-ClientApp SuperExec, as in docker/compose.yml) and `flwr run` against them. Simulation: a
+ClientApp SuperExec, as in docker/compose.yml) and `flwr run` against them; a cold deployment is
+the same without the nodes' warm workers (`warm-worker=false`: every message's fresh ClientApp
+process imports torch and loads what it needs itself). Simulation: a
 simulation SuperLink and `flwr run --federation-config "num-supernodes=N"`. Both run the default
 PM-AFL app with the run config below; the rounds' timing comes from results.json (`round_seconds`,
 the train and evaluate exchanges, the slowest node's own `..._compute_seconds`).
@@ -39,11 +41,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from loopback import Processes, free_ports, wait_for_port  # noqa: E402
 
+KINDS = ("deployment", "cold-deployment", "simulation")
 
-def start_federation(procs: Processes, folder: Path, simulation: bool, nodes: int) -> None:
+
+def start_federation(procs: Processes, folder: Path, kind: str, nodes: int) -> None:
     """An insecure SuperLink on free ports (the CLI's connection `bench` points at it) and, for a
     deployment, the ServerApp's SuperExec and `nodes` SuperNodes with their SuperExecs. Each node's
-    ClientApps get an equal share of this host's cores (`num-threads`)."""
+    ClientApps get an equal share of this host's cores (`num-threads`); a cold deployment's nodes
+    run without the warm worker (`warm-worker=false`)."""
+    simulation = kind == "simulation"
     http, control, fleet, health = free_ports(4)
     (folder / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{http}"\n'
@@ -63,7 +69,8 @@ def start_federation(procs: Processes, folder: Path, simulation: bool, nodes: in
             procs.start(f"node{i}", [
                 str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{http}",
                 "--isolation", "process", "--port", str(port), "--node-config",
-                f"partition-id={i} num-partitions={nodes} num-threads={threads}"])
+                f"partition-id={i} num-partitions={nodes} num-threads={threads}"
+                + (" warm-worker=false" if kind == "cold-deployment" else "")])
             procs.start(f"node{i}-superexec", [str(BIN / "flower-superexec"), "--insecure",
                                                "--runtime-api-address", f"127.0.0.1:{port}"])
 
@@ -80,7 +87,7 @@ def import_torch_seconds(repeats: int = 3) -> float:
 
 
 def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
-    """One `flwr run` of the app in `kind` ("deployment" or "simulation"); its results rows."""
+    """One `flwr run` of the app in `kind` (one of `KINDS`); its results rows."""
     folder = base / kind
     (folder / "flwr-home").mkdir(parents=True)
     env = {**os.environ, "FLWR_HOME": str(folder / "flwr-home"),
@@ -88,7 +95,7 @@ def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     procs = Processes(folder, env)
     try:
-        start_federation(procs, folder, kind == "simulation", args.nodes)
+        start_federation(procs, folder, kind, args.nodes)
         results = folder / "results"
         run_config = " ".join([f"num-server-rounds={args.rounds}", f"results-dir='{results}'",
                                f"min-available-nodes={args.nodes}", *args.set])
@@ -139,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config override, TOML value syntax; repeatable")
-    parser.add_argument("--only", choices=("deployment", "simulation"), help="run only one of them")
+    parser.add_argument("--only", choices=KINDS, help="run only one of them")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per flwr run")
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
     args = parser.parse_args()
@@ -147,7 +154,7 @@ def main() -> None:
     torch_seconds = import_torch_seconds()
     medians = {}
     try:
-        for kind in ("deployment", "simulation"):
+        for kind in KINDS:
             if args.only in (None, kind):
                 medians[kind] = report(kind, run(kind, base, args))
     finally:
@@ -162,9 +169,14 @@ def main() -> None:
         startup = medians["deployment"]["startup"]
         print(f"  deployment ClientApp start-up to its first training step: {startup:.2f} s, "
               f"{startup - torch_seconds:.2f} s beyond a fresh `import torch` ({torch_seconds:.2f} s)")
-    if len(medians) == 2:
-        print(f"  deployment / simulation round time: "
-              f"{medians['deployment']['round'] / medians['simulation']['round']:.2f}")
+    if "cold-deployment" in medians:
+        startup = medians["cold-deployment"]["startup"]
+        print(f"  cold-deployment ClientApp start-up to its first training step: {startup:.2f} s, "
+              f"{startup - torch_seconds:.2f} s beyond a fresh `import torch`")
+    for kind in ("deployment", "cold-deployment"):
+        if kind in medians and "simulation" in medians:
+            print(f"  {kind} / simulation round time: "
+                  f"{medians[kind]['round'] / medians['simulation']['round']:.2f}")
 
 
 if __name__ == "__main__":

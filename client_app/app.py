@@ -1,55 +1,38 @@
-"""ClientApp: thin wiring from Flower messages to `pmafl.train.pmafl_train` (train) and
-`pmafl.evaluate.evaluate` on the node's local test split (evaluate).
+"""ClientApp: thin wiring from Flower messages to `client_app.handlers` (local training with
+`pmafl.train.pmafl_train`, evaluation with `pmafl.evaluate.evaluate`).
 
 Node config: `partition-id` and `num-partitions` (filled in by the simulation; set with
-`flower-supernode --node-config` in deployment), and optionally `teacher-cache-dir` and
-`num-threads` (torch's intra-op threads per ClientApp process; 0 or unset: torch's default, all
-the host's cores, which oversubscribes a host that runs several SuperNodes).
+`flower-supernode --node-config` in deployment), and optionally `teacher-cache-dir`,
+`num-threads` (torch's intra-op threads; 0 or unset: torch's default, all the host's cores, which
+oversubscribes a host that runs several SuperNodes) and `warm-worker`.
 
-In deployment every message starts a fresh ClientApp process. What a node computes once (its
-partition and local test split, the teacher's logits on its images) is kept in the node's state
-(`context.state`), so that a later round's process starts training without loading the dataset.
-Every reply carries `compute-seconds`, the time of the local training (or evaluation) itself, for
-the round loop's timing: everything else a round takes (process start-up, imports, loading data and
-teacher, the wait for messages) is overhead. The first reply of a process also carries
-`startup-seconds`, the time from the process's start to that compute (Linux only: read from /proc).
+In deployment, Flower starts a fresh ClientApp process (`flwr-clientapp`) for every message, and
+one that imported torch, loaded the data and the teacher would spend seconds on that before
+training. So there this module imports no torch: it hands the message to the node's warm worker
+(`client_app.worker`), a long-lived process that keeps torch, the data and the teacher loaded
+across messages, and that the first message starts. `warm-worker` (true or false) overrides
+that choice; by default it is on exactly in a `flwr-clientapp` process. In a simulation, whose
+processes are long-lived anyway, the handlers run in the process that received the message.
+
+Every reply carries `compute-seconds` (the local training or evaluation itself). The first reply
+of a process also carries `startup-seconds`, the time from the process's start to that compute
+(Linux only: read from /proc).
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
+from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common.logger import FLOWER_LOGGER
-
-from pmafl.compression import encode_update
-from pmafl.config import RunConfig, TrainConfig
-from pmafl.data import Split, make_loader
-from pmafl.evaluate import evaluate as evaluate_model
-from pmafl.fedftg import LABEL_COUNTS, label_counts
-from pmafl.kdiga import teacher_input_gradients
-from pmafl.objectives import needs_teacher
-from pmafl.robustkd import FeatureDistiller
-from pmafl.task import (
-    NodeData,
-    build_model,
-    client_seed,
-    get_teacher,
-    node_data,
-    node_data_key,
-    resolve_device,
-)
-from pmafl.train import COMPUTE_SECONDS, STARTUP_SECONDS, pmafl_train
 
 app = ClientApp()
-# The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
-# progress) in the run's log stream.
-logging.getLogger("pmafl").setLevel(logging.INFO)
-logging.getLogger("pmafl").handlers = FLOWER_LOGGER.handlers
+
+# Flower's deployment runs every message in a fresh process of this command.
+FRESH_PROCESS_PER_MESSAGE = Path(sys.argv[0]).name == "flwr-clientapp"
 
 
 def _process_age() -> float | None:
@@ -64,173 +47,47 @@ def _process_age() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-_started_compute = False  # has this process begun a message's compute yet?
+_started_compute = False  # has this process handled a message yet?
 
 
-def _startup_seconds() -> dict[str, float]:
-    """`startup-seconds` for the first message a process handles (in deployment, every message:
-    each starts a fresh process; in a simulation, an actor's first), else nothing."""
+def _process_start() -> float | None:
+    """The wall-clock start of this process for the first message it handles (in deployment,
+    every message: each starts a fresh process; in a simulation, an actor's first), else None."""
     global _started_compute
     first, _started_compute = not _started_compute, True
     age = _process_age() if first else None
-    return {STARTUP_SECONDS: age} if age is not None else {}
+    return time.time() - age if age is not None else None
 
 
-def _node_partition(context: Context) -> tuple[int, int]:
-    node_config = context.node_config
-    for key in ("partition-id", "num-partitions"):
-        if key not in node_config:
-            raise ValueError(f"node config lacks '{key}': start the SuperNode with "
-                             "--node-config \"partition-id=N num-partitions=M\"")
-    return int(node_config["partition-id"]), int(node_config["num-partitions"])
+def _use_worker(context: Context) -> bool:
+    value = context.node_config.get("warm-worker", FRESH_PROCESS_PER_MESSAGE)
+    if not isinstance(value, bool):
+        raise ValueError(f"node config key 'warm-worker': expected true or false, got {value!r}")
+    return value
 
 
-def _set_threads(context: Context) -> None:
-    """torch's thread count from the node config's `num-threads` (0 or unset: torch's default)."""
-    value = context.node_config.get("num-threads", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"node config key 'num-threads': expected a non-negative integer (0: "
-                         f"torch's default), got {value!r}")
-    if value and torch.get_num_threads() != value:
-        torch.set_num_threads(value)
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    process_start = _process_start()
+    if _use_worker(context):
+        from client_app.worker import call
 
+        content = call(kind, msg.content, context, process_start)
+    else:
+        from client_app.handlers import HANDLERS
 
-def _node_data(context: Context, cfg: RunConfig) -> NodeData:
-    """This node's partition and local test split: made once (loading the dataset and running the
-    partitioner, seconds), then read back from the node's state (milliseconds)."""
-    partition_id, num_partitions = _node_partition(context)
-    key = node_data_key(cfg, partition_id, num_partitions)
-    meta = context.state.get("node-data-meta")
-    if meta is None or meta["key"] != key:
-        data = node_data(cfg, partition_id, num_partitions)
-        context.state["node-data"] = ArrayRecord(torch_state_dict={
-            "train-images": data.train.images, "train-labels": data.train.labels,
-            "test-images": data.test.images, "test-labels": data.test.labels})
-        context.state["node-data-meta"] = ConfigRecord({
-            "key": key, "num-classes": data.num_classes, "mean": list(data.mean),
-            "std": list(data.std)})
-        return data
-    arrays = context.state["node-data"].to_torch_state_dict()
-    return NodeData(Split(arrays["train-images"], arrays["train-labels"]),
-                    Split(arrays["test-images"], arrays["test-labels"]), int(meta["num-classes"]),
-                    tuple(meta["mean"]), tuple(meta["std"]))
-
-
-def _teacher_tensors(context: Context, teacher: torch.nn.Module, sha256: str, images: torch.Tensor,
-                     labels: torch.Tensor, input_grads: bool) -> list[torch.Tensor]:
-    """The teacher's logits on this node's un-augmented images (and, for KDIGA, its input
-    gradients): computed once, kept in the node's state across rounds (keyed by the teacher's
-    checksum)."""
-    meta = context.state.get("teacher-cache-meta")
-    if meta is None or meta["sha256"] != sha256 or meta["num-examples"] != len(images):
-        device = next(teacher.parameters()).device
-        with torch.no_grad():
-            logits = torch.cat([teacher(chunk.to(device)).cpu() for chunk in images.split(512)])
-        context.state["teacher-cache"] = ArrayRecord(torch_state_dict={"logits": logits})
-        context.state["teacher-cache-meta"] = ConfigRecord({"sha256": sha256,
-                                                            "num-examples": len(images)})
-    cached = context.state["teacher-cache"].to_torch_state_dict()
-    if input_grads and "input-grads" not in cached:
-        cached["input-grads"] = teacher_input_gradients(teacher, images, labels)
-        context.state["teacher-cache"] = ArrayRecord(torch_state_dict=cached)
-    return [cached["logits"], *([cached["input-grads"]] if input_grads else [])]
-
-
-def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.nn.Module,
-                       cfg: RunConfig, images: torch.Tensor, train_config: TrainConfig,
-                       seed: int) -> FeatureDistiller:
-    """RobustKD's feature distiller of this node: its connectors (not part of the global model)
-    carry over from the node's previous round, kept in the node's state."""
-    with torch.random.fork_rng(devices=[]):  # the connectors' first weights: seeded, RNG untouched
-        torch.manual_seed(seed)
-        features = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
-                                          images, train_config.robustkd_noise)
-    if "robustkd-connectors" in context.state:
-        features.load_state_dict(context.state["robustkd-connectors"].to_torch_state_dict())
-    return features.to(images.device)
-
-
-def _received_model(msg: Message, cfg: RunConfig, data: NodeData, device: torch.device
-                    ) -> torch.nn.Module:
-    model = build_model(cfg, data)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model.to(device)
-
-
-def _update(context: Context, model: torch.nn.Module, msg: Message, train_config: TrainConfig
-            ) -> ArrayRecord:
-    """What the reply carries: the trained model, or its update compressed as the server asked
-    (`update-compression`), with this node's error-feedback residual kept in its state."""
-    residual = None
-    if "compression-residual" in context.state:
-        residual = context.state["compression-residual"].to_torch_state_dict()
-    received = msg.content["arrays"].to_torch_state_dict()
-    encoded, residual = encode_update(model.state_dict(), received, train_config.update_compression,
-                                      train_config.topk_fraction, residual)
-    if residual:
-        context.state["compression-residual"] = ArrayRecord(torch_state_dict=residual)
-    return ArrayRecord(torch_state_dict=encoded)
+        content = HANDLERS[kind](msg.content, context, process_start)
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the received global model on this node's partition."""
-    _set_threads(context)
-    cfg = RunConfig.from_mapping(context.run_config)
-    train_config = TrainConfig.from_mapping(msg.content["config"])
-    server_round = int(msg.content["config"].get("server-round", 0))
-    partition_id, _ = _node_partition(context)
-    device = resolve_device(cfg.device)
-    data = _node_data(context, cfg)
-    images, labels = data.train.tensors()
-    model = _received_model(msg, cfg, data, device)
-    tensors = [images, labels]
-    teacher = None
-    if needs_teacher(train_config.objective):
-        cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
-        teacher, sha256 = get_teacher(cfg, data.num_classes, cache_dir, device)
-        tensors += _teacher_tensors(context, teacher, sha256, images, labels,
-                                    input_grads=train_config.kdiga_weight > 0)
-    # Seeded after the model and teacher are built: loading the teacher draws random numbers only
-    # the first time in a process.
-    seed = client_seed(cfg.seed, server_round, partition_id)
-    torch.manual_seed(seed)
-    loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
-    features = None
-    if train_config.robustkd_weight > 0:
-        features = _feature_distiller(context, model, teacher, cfg, images.to(device), train_config, seed)
-    startup = _startup_seconds()
-    start = time.perf_counter()
-    metrics = pmafl_train(model, teacher, loader, train_config, features)
-    seconds = time.perf_counter() - start
-    if features is not None:
-        context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
-    if msg.content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
-        metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
-    metrics.update({COMPUTE_SECONDS: seconds, **startup})
-    content = RecordDict({"arrays": _update(context, model, msg, train_config),
-                          "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return _handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Clean and PGD accuracy of the received global model on this node's local test split (the
     test split resampled to this node's class proportions)."""
-    _set_threads(context)
-    cfg = RunConfig.from_mapping(context.run_config)
-    train_config = TrainConfig.from_mapping(msg.content["config"])
-    partition_id, _ = _node_partition(context)
-    device = resolve_device(cfg.device)
-    data = _node_data(context, cfg)
-    images, labels = data.test.tensors()
-    model = _received_model(msg, cfg, data, device)
-    torch.manual_seed(client_seed(cfg.seed, int(msg.content["config"].get("server-round", 0)),
-                                  partition_id))
-    startup = _startup_seconds()
-    start = time.perf_counter()
-    scores = evaluate_model(model, images, labels, train_config.eps, cfg.eval_steps,
-                            cfg.batch_size * 8)
-    metrics = MetricRecord({**scores, "num-examples": len(labels),
-                            COMPUTE_SECONDS: time.perf_counter() - start, **startup})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return _handle("evaluate", msg, context)
+

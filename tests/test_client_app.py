@@ -1,6 +1,8 @@
-"""The ClientApp's train and evaluate handlers, in process."""
+"""The ClientApp's train and evaluate handlers, in process and on the node's warm worker."""
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -200,7 +202,7 @@ def test_a_later_round_reads_the_partition_from_the_node_state(teachers, monkeyp
     def no_dataset(*args):
         raise AssertionError("the dataset was loaded again")
 
-    monkeypatch.setattr("client_app.app.node_data", no_dataset)
+    monkeypatch.setattr("client_app.handlers.node_data", no_dataset)
     again = train(instruction(cfg, train_config)[0], ctx)
     assert evaluate(instruction(cfg, train_config)[0], ctx).content["metrics"]["num-examples"] == \
         len(kept["test-labels"])
@@ -281,3 +283,103 @@ def test_asking_for_cuda_without_one_names_the_ray_gpu_resource(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="client-resources-num-gpus > 0"):
         resolve_device("cuda")
+
+
+# The warm worker: deployment's fresh ClientApp processes hand their messages to it.
+
+def worker_pids(folder):
+    """The pids of the workers that logged their start in `folder`, in order."""
+    return [int(line.split()[2]) for log in sorted(folder.glob("*.log"))
+            for line in log.read_text().splitlines() if line.startswith("warm worker ")]
+
+
+def stop(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_warm_worker_replies_as_the_handler_in_process_and_stays_up(teachers, tmp_path_factory):
+    from client_app import handlers
+    from client_app.worker import call
+
+    folder = tmp_path_factory.mktemp("workers")
+    cfg = RunConfig.from_mapping(RUN)
+    content = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=1))[0].content
+    local_ctx, worker_ctx = context(teachers), context(teachers)
+    try:
+        for round_ in (1, 2):  # the second message finds the worker already up
+            local = handlers.train(content, local_ctx)
+            started = time.time() - 5.0  # as if the ClientApp process had started 5 s ago
+            remote = call("train", content, worker_ctx, started, folder, watch_pid=os.getpid())
+            for key, array in local["arrays"].items():
+                assert np.array_equal(array.numpy(), remote["arrays"][key].numpy()), (round_, key)
+            assert remote["metrics"]["loss"] == local["metrics"]["loss"]
+            assert 5.0 <= remote["metrics"]["startup-seconds"] <= time.time() - started
+            # The node's state came back from the worker: the same partition and teacher logits.
+            assert set(worker_ctx.state.keys()) == set(local_ctx.state.keys())
+            for key in ("node-data", "teacher-cache"):
+                here, there = local_ctx.state[key], worker_ctx.state[key]
+                assert all(np.array_equal(here[k].numpy(), there[k].numpy()) for k in here)
+        reply = call("evaluate", content, worker_ctx, None, folder, watch_pid=os.getpid())
+        assert reply["metrics"]["num-examples"] == 100 and "startup-seconds" not in reply["metrics"]
+        assert len(worker_pids(folder)) == 1  # one worker for all three messages
+    finally:
+        stop(worker_pids(folder))
+
+
+def test_a_handler_error_in_the_worker_is_raised_in_the_clientapp(teachers, tmp_path_factory):
+    from client_app.worker import call
+
+    folder = tmp_path_factory.mktemp("workers")
+    content = instruction(RunConfig.from_mapping(RUN), TrainConfig(objective="ce"))[0].content
+    try:
+        with pytest.raises(ValueError, match="node config key 'num-threads': expected a non-negative"):
+            call("train", content, context(teachers, **{"num-threads": -2}), None, folder, os.getpid())
+        # The worker survives its handler's error and answers the next message.
+        assert call("train", content, context(teachers), None, folder, os.getpid())["metrics"]["loss"] > 0
+        assert len(worker_pids(folder)) == 1
+    finally:
+        stop(worker_pids(folder))
+
+
+def test_a_killed_worker_is_replaced_and_a_worker_ends_with_its_node(teachers, tmp_path_factory):
+    from client_app.worker import call
+
+    folder = tmp_path_factory.mktemp("workers")
+    content = instruction(RunConfig.from_mapping(RUN), TrainConfig(objective="ce"))[0].content
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the SuperNode
+    try:
+        expected = call("train", content, context(teachers), None, folder, node.pid)["arrays"]
+        first = worker_pids(folder)[0]
+        os.kill(first, signal.SIGKILL)
+        again = call("train", content, context(teachers), None, folder, node.pid)["arrays"]
+        assert all(np.array_equal(expected[k].numpy(), again[k].numpy()) for k in expected)
+        second = worker_pids(folder)[1]
+        assert second != first
+        node.kill()
+        node.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{second}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{second}").exists() or \
+            Path(f"/proc/{second}/stat").read_text().split()[2] == "Z"
+        assert not (folder / "run1-node7.sock").exists()
+    finally:
+        node.kill()
+        stop(worker_pids(folder))
+
+
+def test_warm_worker_config_and_folder_are_checked(tmp_path, monkeypatch):
+    from client_app.worker import WorkerError, worker_folder
+
+    msg = instruction(RunConfig.from_mapping(RUN), TrainConfig(objective="ce"))[0]
+    with pytest.raises(ValueError, match="node config key 'warm-worker': expected true or false, got 'yes'"):
+        train(msg, context(tmp_path, **{"warm-worker": "yes"}))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    (tmp_path / f"pmafl-workers-{os.getuid()}").mkdir(mode=0o755)
+    os.chmod(tmp_path / f"pmafl-workers-{os.getuid()}", 0o755)
+    with pytest.raises(WorkerError, match="must belong to uid .* with mode 0700"):
+        worker_folder()
