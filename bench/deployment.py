@@ -18,6 +18,10 @@ start-up of the train exchange (a fresh process's start to its first training st
 measured in this run: deployment round time / simulation round time, overhead per round, and
 start-up beyond `import torch`.
 
+The SuperExecs look for work every 0.1 s, as the docker image sets them to
+(`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`; Flower's default is 1 s: set it in the environment to
+measure another value).
+
     python bench/deployment.py                          # 3 nodes, 6 rounds
     python bench/deployment.py --nodes 10 --rounds 3 --set local-epochs=1
 """
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from loopback import Processes, free_ports, wait_for_port  # noqa: E402
 
 KINDS = ("deployment", "cold-deployment", "simulation")
+SUPEREXEC_POLL = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
 
 
 def start_federation(procs: Processes, folder: Path, kind: str, nodes: int) -> None:
@@ -92,6 +97,7 @@ def run(kind: str, base: Path, args: argparse.Namespace) -> list[dict]:
     (folder / "flwr-home").mkdir(parents=True)
     env = {**os.environ, "FLWR_HOME": str(folder / "flwr-home"),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL,  # as docker/Dockerfile sets it
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     procs = Processes(folder, env)
     try:
