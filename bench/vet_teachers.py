@@ -10,7 +10,7 @@ added for the backdoored ones, and kept in `<out>/teachers/` so that a second ca
 One row per teacher: its clean test accuracy and the trigger's attack success rate (ASR), the
 smallest reverse-engineered trigger and the median class's, the anomaly index, the verdict, and,
 for a flagged teacher, its clean accuracy and ASR once detoxified. `<out>/vet.json` holds the rows
-with every class's trigger norm.
+with every class's trigger norm, those of earlier calls for other teachers included.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pmafl.config import RunConfig, parse_overrides
 from pmafl.evaluate import accuracy
 from pmafl.robustkd import VET_IMAGES, VET_STEPS, DetoxifiedTeacher, vet
 from pmafl.task import SPLIT_SEED, backdoor_trigger, eval_split, load_data, teacher_settings
-from pmafl.teacher import load_teacher, pretrain_teacher, save_teacher
+from pmafl.teacher import load_teacher, pretrain_teacher, save_teacher, teacher_record
 
 
 def main() -> None:
@@ -35,8 +35,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated pre-training seeds (default 0,1,2)")
+    parser.add_argument("--kinds", default="clean,backdoored",
+                        help="which teachers: clean, backdoored or both (default clean,backdoored)")
     parser.add_argument("--backdoor-rate", type=float, default=0.1,
-                        help="poison rate of the backdoored teachers (default 0.1; 0: clean ones only)")
+                        help="poison rate of the backdoored teachers (default 0.1)")
     parser.add_argument("--steps", type=int, default=VET_STEPS,
                         help=f"Neural Cleanse steps per class (default {VET_STEPS}, as `vet`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -46,9 +48,17 @@ def main() -> None:
                         help="folder for the teachers and vet.json (default results/vet-teachers)")
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
-    kinds = {"clean": 0.0} | ({"backdoored": args.backdoor_rate} if args.backdoor_rate > 0 else {})
+    rates = {"clean": 0.0, "backdoored": args.backdoor_rate}
+    kinds = {kind: rates[kind] for kind in args.kinds.split(",") if kind in rates}
+    if len(kinds) != len(args.kinds.split(",")) or not 0 < args.backdoor_rate <= 1:
+        parser.error(f"--kinds takes clean and/or backdoored (got {args.kinds!r}) and --backdoor-rate "
+                     f"a share in (0, 1] (got {args.backdoor_rate})")
+    seeds = [int(s) for s in args.seeds.split(",")]
     (args.out / "teachers").mkdir(parents=True, exist_ok=True)
-    rows = []
+    # vet.json keeps the rows of earlier calls for other teachers
+    rows = [row for row in (json.loads((args.out / "vet.json").read_text())
+                            if (args.out / "vet.json").is_file() else [])
+            if not (row["teacher"] in kinds and row["seed"] in seeds)]
     print("| teacher | seed | clean acc | ASR | smallest trigger (class) | median class | ratio "
           "| anomaly index | flagged | detoxified: clean acc | detoxified: ASR |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -58,18 +68,15 @@ def main() -> None:
         settings = teacher_settings(cfg)
         test_images, test_labels = eval_split(cfg, data).tensors()
         # the trigger whose ASR is measured: the backdoored teachers' own
-        trigger = backdoor_trigger(dataclasses.replace(cfg, backdoor_rate=args.backdoor_rate or 0.1), data)
-        for seed in (int(s) for s in args.seeds.split(",")):
+        trigger = backdoor_trigger(dataclasses.replace(cfg, backdoor_rate=args.backdoor_rate), data)
+        for seed in seeds:
             path = args.out / "teachers" / f"{cfg.dataset}-{kind}-seed{seed}.pt"
             start = time.time()
             if path.is_file():
                 teacher, _ = load_teacher(path, data.num_classes)
             else:
                 teacher = pretrain_teacher(data, settings, seed=seed)
-                save_teacher(teacher, path, {"model": cfg.teacher_model, "dataset": cfg.dataset,
-                                             "num_classes": data.num_classes,
-                                             "in_channels": data.in_channels, "mean": list(data.mean),
-                                             "std": list(data.std), "settings": settings, "seed": seed})
+                save_teacher(teacher, path, {**teacher_record(data, settings), "seed": seed})
             pretrain_s = time.time() - start
             images = data.public.tensors()[0][:VET_IMAGES]
             start = time.time()
@@ -93,8 +100,9 @@ def main() -> None:
                   f"{result.anomaly_index:.2f} | {'yes' if result.backdoored else 'no'} | {detox} |",
                   flush=True)
             (args.out / "vet.json").write_text(json.dumps(rows, indent=1))
-    print(f"{len(rows)} teachers on {len(test_labels)} test images; ASR with the {trigger.patch}x"
-          f"{trigger.patch} trigger to class {trigger.target}; rows in {args.out / 'vet.json'}")
+    print(f"{len(kinds) * len(seeds)} teachers on {len(test_labels)} test images; ASR with the "
+          f"{trigger.patch}x{trigger.patch} trigger to class {trigger.target}; "
+          f"rows in {args.out / 'vet.json'}")
 
 
 if __name__ == "__main__":

@@ -129,17 +129,35 @@ def serve(socket: str, keyfile: str, watch_pid: int, idle_seconds: float = IDLE_
     """The worker's loop: one message at a time, until idle for `idle_seconds` or `watch_pid` is
     gone."""
     listener = Listener(socket, family="AF_UNIX", authkey=Path(keyfile).read_bytes())
+    bound = os.stat(socket).st_ino
     last: list[float | None] = [time.monotonic()]  # None while handling a message
+
+    def done() -> str | None:
+        """Why this worker should exit now, if it should."""
+        if not _alive(watch_pid):
+            return f"process {watch_pid} is gone"
+        since = last[0]
+        return "idle" if since is not None and time.monotonic() - since > idle_seconds else None
 
     def watchdog() -> None:
         while True:
             time.sleep(0.5)
-            since = last[0]
-            gone = not _alive(watch_pid)
-            if gone or (since is not None and time.monotonic() - since > idle_seconds):
-                Path(socket).unlink(missing_ok=True)
-                Path(keyfile).unlink(missing_ok=True)
-                print(f"exiting: {'process ' + str(watch_pid) + ' is gone' if gone else 'idle'}", flush=True)
+            if done() is None:
+                continue
+            # Under the lock that `call` holds while it connects or starts a worker: a ClientApp
+            # that found this worker going may have started a new one at the same path.
+            with FileLock(str(Path(socket).with_suffix(".lock"))):
+                reason = done()
+                if reason is None:  # a message came in meanwhile
+                    continue
+                try:
+                    ours = os.stat(socket).st_ino == bound
+                except FileNotFoundError:
+                    ours = False
+                if ours:  # else the socket and key are a newer worker's
+                    Path(socket).unlink(missing_ok=True)
+                    Path(keyfile).unlink(missing_ok=True)
+                print(f"exiting: {reason}", flush=True)
                 os._exit(0)
 
     threading.Thread(target=watchdog, daemon=True).start()

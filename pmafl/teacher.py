@@ -164,6 +164,14 @@ def pretrain_teacher(data: FederatedData, settings: dict[str, Any], batch_size: 
     return model.eval()
 
 
+def teacher_record(data: FederatedData, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record that rebuilds a teacher with `settings` for `data`: what `save_teacher` needs,
+    plus the settings that `load_teacher` checks."""
+    return {"model": settings["model"], "dataset": settings["dataset"],
+            "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "mean": list(data.mean), "std": list(data.std), "settings": settings}
+
+
 def ensure_teacher(path: Path, data: FederatedData, settings: dict[str, Any], test: Split,
                    expected_sha256: str = "", device: str | torch.device = "cpu"
                    ) -> tuple[nn.Module, str]:
@@ -177,11 +185,8 @@ def ensure_teacher(path: Path, data: FederatedData, settings: dict[str, Any], te
             model = pretrain_teacher(data, settings, device=device)
             x, y = test.tensors()
             scores = evaluate(model, x, y, settings["eps"], steps=20)
-            meta = {"model": settings["model"], "dataset": settings["dataset"],
-                    "num_classes": data.num_classes, "in_channels": data.in_channels,
-                    "mean": list(data.mean), "std": list(data.std), "settings": settings,
-                    "test_examples": len(y), "test_clean_acc": scores["clean_acc"],
-                    "test_pgd_acc": scores["pgd_acc"]}
+            meta = {**teacher_record(data, settings), "test_examples": len(y),
+                    "test_clean_acc": scores["clean_acc"], "test_pgd_acc": scores["pgd_acc"]}
             if "backdoor" in settings:
                 meta["test_asr"] = attack_success_rate(model, x, y, settings_trigger(settings))
             sha256 = save_teacher(model, path, meta)

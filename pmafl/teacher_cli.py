@@ -47,6 +47,7 @@ from pmafl.teacher import (
     load_detoxified,
     load_teacher,
     teacher_path,
+    teacher_record,
     vet_path,
 )
 
@@ -72,9 +73,7 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
             raise TeacherError(f"no record {record} gives the teacher's settings: pass --run-config "
                                "with the run it is for (dataset, teacher-model, ...)")
         data = load_data(cfg)
-        meta = {"model": cfg.teacher_model, "dataset": cfg.dataset, "num_classes": data.num_classes,
-                "in_channels": data.in_channels, "mean": list(data.mean), "std": list(data.std),
-                "settings": teacher_settings(cfg)}
+        meta = teacher_record(data, teacher_settings(cfg))
     model, dataset = meta["model"], meta["dataset"]
     net = create_model(model, meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
     try:

@@ -383,3 +383,33 @@ def test_warm_worker_config_and_folder_are_checked(tmp_path, monkeypatch):
     os.chmod(tmp_path / f"pmafl-workers-{os.getuid()}", 0o755)
     with pytest.raises(WorkerError, match="must belong to uid .* with mode 0700"):
         worker_folder()
+
+
+def test_an_exiting_worker_leaves_a_newer_workers_socket_alone(tmp_path):
+    """A ClientApp may meet a worker as it exits and start a new one at the same path. The old
+    worker then exits without removing the new one's socket and key."""
+    from multiprocessing.connection import Listener
+
+    from filelock import FileLock
+
+    socket, keyfile = tmp_path / "run1-node7.sock", tmp_path / "run1-node7.key"
+    keyfile.write_bytes(b"k" * 32)
+    old = subprocess.Popen([sys.executable, "-c", "import sys; from client_app.worker import serve; "
+                            "serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), idle_seconds=0.5)",
+                            str(socket), str(keyfile), str(os.getpid())],
+                           cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert old.poll() is None and time.monotonic() < deadline, "the worker did not listen"
+            time.sleep(0.01)
+        with FileLock(str(tmp_path / "run1-node7.lock")):  # as `call` holds it to start a worker
+            time.sleep(1.5)  # the old worker is idle now, and waits for the lock
+            assert old.poll() is None
+            socket.unlink()
+            new = Listener(str(socket), family="AF_UNIX", authkey=keyfile.read_bytes())
+        assert old.wait(timeout=10) == 0
+        assert socket.exists() and keyfile.exists()
+        new.close()
+    finally:
+        old.kill()

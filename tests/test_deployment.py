@@ -21,7 +21,7 @@ from pmafl.config import RunConfig
 from pmafl.data import load_dataset
 from pmafl.models import create_model
 from pmafl.task import teacher_settings
-from pmafl.teacher import save_teacher
+from pmafl.teacher import save_teacher, teacher_record
 
 sys.path.insert(0, str(ROOT / "docker"))
 from make_credentials import make_credentials  # noqa: E402
@@ -41,9 +41,7 @@ def make_teacher(path: Path, seed: int) -> None:
     data = load_dataset("digits")
     torch.manual_seed(seed)
     model = create_model("cnn-large", 10, 1, data.mean, data.std)
-    save_teacher(model, path, {"model": "cnn-large", "dataset": "digits", "num_classes": 10,
-                               "in_channels": 1, "mean": list(data.mean), "std": list(data.std),
-                               "settings": teacher_settings(RunConfig())})
+    save_teacher(model, path, teacher_record(data, teacher_settings(RunConfig())))
 
 
 @pytest.fixture
