@@ -29,7 +29,14 @@ from pmafl.data import (
 )
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
-from pmafl.robustkd import ANOMALY_THRESHOLD, MAX_NORM_RATIO, VET_IMAGES, VET_STEPS, vet
+from pmafl.robustkd import (
+    ANOMALY_THRESHOLD,
+    MAX_NORM_RATIO,
+    OUTLIER_NORM_RATIO,
+    VET_IMAGES,
+    VET_STEPS,
+    vet,
+)
 from pmafl.teacher import (
     TeacherError,
     ensure_teacher,
@@ -210,9 +217,9 @@ def vet_summary(record: dict) -> str:
     """One line on a vet record."""
     smallest, median = min(record["norms"]), statistics.median(record["norms"])
     evidence = (f"class {record['target']} needs a {smallest:.1f}-pixel trigger, "
-                f"{smallest / max(median, 1e-12):.2f}x the median class's {median:.1f} (flagged at most "
-                f"{MAX_NORM_RATIO:g}x), anomaly index {record['anomaly_index']:.2f} (flagged above "
-                f"{ANOMALY_THRESHOLD:g})")
+                f"{smallest / max(median, 1e-12):.2f}x the median class's {median:.1f}, anomaly "
+                f"index {record['anomaly_index']:.2f} (flagged at most {MAX_NORM_RATIO:g}x with an "
+                f"index above {ANOMALY_THRESHOLD:g}, or at most {OUTLIER_NORM_RATIO:g}x)")
     if record["backdoored"]:
         return (f"looks BACKDOORED: {evidence}; {len(record['channels'])} channels of "
                 f"{record['stage']} masked")

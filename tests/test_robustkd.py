@@ -17,6 +17,7 @@ from pmafl.robustkd import (
     architecture,
     detoxify,
     feature_stages,
+    flags_backdoor,
     partial_l2,
     reverse_engineer_trigger,
     salt_and_pepper,
@@ -73,6 +74,20 @@ def test_anomaly_index_flags_the_small_outlier():
     index, cls = anomaly_index([10.0, 11.0, 9.0, 10.5, 2.0, 9.5])
     median, mad = 9.75, 0.75 * 1.4826  # |x - median|: .25 1.25 .75 .75 7.75 .25 -> median .75
     assert cls == 4 and index == pytest.approx((median - 2.0) / mad)
+
+
+def test_flagged_as_an_outlier_by_the_index_or_by_an_order_of_magnitude():
+    # Digits-like: tight clean classes, the backdoor's 0.36x the median: index 9.4, flagged.
+    assert flags_backdoor([4.0, 11.0, 12.0, 11.5, 10.5, 11.0, 12.5, 11.0, 10.0, 11.5])
+    # A tiny MAD makes a 1-pixel difference an outlier (index 13.5), but 0.91x is no backdoor.
+    assert not flags_backdoor([10.0, 11.0, 11.0, 11.1, 10.9, 11.0, 11.0, 11.0, 11.2, 10.8])
+    # Fashion-MNIST's backdoored teacher (seed 0, vetted in a run): the clean classes spread so
+    # widely that the index is only 1.52, but the trigger is 0.027x the median (158.1).
+    fashion = [4.2, 115.4, 111.8, 263.1, 228.5, 153.1, 224.6, 246.1, 47.4, 163.1]
+    assert anomaly_index(fashion)[0] == pytest.approx(1.52, abs=0.01)
+    assert flags_backdoor(fashion)
+    # A clean Fashion-MNIST teacher (seed 1): 0.24x the median, index 1.53: not flagged.
+    assert not flags_backdoor([125.1, 41.8, 64.2, 268.0, 211.0, 161.0, 241.3, 554.6, 180.2, 167.3])
 
 
 def test_detoxified_teacher_replaces_the_masked_channels_only():
