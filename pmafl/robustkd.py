@@ -208,13 +208,15 @@ def trigger_region(trigger_mask: torch.Tensor, size: tuple[int, int], radius: in
 
 def detox_channels(teacher: nn.Module, stage: str, images: torch.Tensor, triggered: torch.Tensor,
                    trigger_mask: torch.Tensor, target: int, residual: float = 0.05,
-                   max_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The feature detoxification against a (reverse-engineered) trigger at `stage`, inside the
     trigger's region only (`trigger_region`): channels ranked by how much more the triggered
     images excite them there than the clean ones (in units of the clean spread), replaced there
     by their clean mean, one by one, until fewer than `residual` of the triggered images still
     reach `target` (at most `max_fraction` of the channels). Elsewhere the features are left as
-    they were, so clean accuracy is spared. Returns M and P, both [C, H, W]."""
+    they were, so clean accuracy is spared. Returns M and P, both [C, H, W]. At most a quarter of
+    the channels fell short on Fashion-MNIST: the real trigger still reached the target 0.76 of
+    the time with 16 of 64 channels masked, and 0.05 with 32, at no clean cost there."""
     with torch.no_grad():
         _, (clean,) = stage_features(teacher, images, [stage])
         _, (bad,) = stage_features(teacher, triggered, [stage])
