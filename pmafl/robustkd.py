@@ -150,7 +150,7 @@ def flags_backdoor(norms: Sequence[float]) -> bool:
     holds (an anomaly index above `ANOMALY_THRESHOLD`), or the trigger is at most
     `OUTLIER_NORM_RATIO` times the median class's: an order of magnitude below, which the
     anomaly index can miss where the natural classes' masks spread widely (Fashion-MNIST's do,
-    from 0.3x to 3x the median)."""
+    from 0.2x to 3x the median)."""
     index, smallest = anomaly_index(norms)
     ratio = norms[smallest] / max(torch.tensor(list(norms), dtype=torch.float64).quantile(0.5).item(),
                                   1e-12)
