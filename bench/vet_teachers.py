@@ -25,7 +25,7 @@ from pathlib import Path
 from pmafl.backdoor import attack_success_rate
 from pmafl.config import RunConfig, parse_overrides
 from pmafl.evaluate import accuracy
-from pmafl.robustkd import VET_IMAGES, VET_STEPS, DetoxifiedTeacher, vet
+from pmafl.robustkd import VET_IMAGES, VET_STEPS, DetoxifiedTeacher, norm_ratio, vet
 from pmafl.task import SPLIT_SEED, backdoor_trigger, eval_split, load_data, teacher_settings
 from pmafl.teacher import load_teacher, pretrain_teacher, save_teacher, teacher_record
 
@@ -96,7 +96,7 @@ def main() -> None:
             detox = (f"{row['detox_clean_acc']:.3f} | {row['detox_asr']:.3f}" if result.backdoored
                      else "- | -")
             print(f"| {kind} | {seed} | {row['clean_acc']:.3f} | {row['asr']:.3f} | {smallest:.1f} "
-                  f"({result.target}) | {median:.1f} | {smallest / median:.2f} | "
+                  f"({result.target}) | {median:.1f} | {norm_ratio(result.norms):.2f} | "
                   f"{result.anomaly_index:.2f} | {'yes' if result.backdoored else 'no'} | {detox} |",
                   flush=True)
             (args.out / "vet.json").write_text(json.dumps(rows, indent=1))

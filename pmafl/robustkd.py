@@ -25,6 +25,7 @@ through a 1x1 conv + BN connector, regress the detoxified teacher's.
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -143,6 +144,11 @@ def anomaly_index(norms: Sequence[float]) -> tuple[float, int]:
     return float((median - values[smallest]) / mad.clamp_min(1e-12)), smallest
 
 
+def norm_ratio(norms: Sequence[float]) -> float:
+    """The smallest trigger's L1 norm over the median class's."""
+    return min(norms) / max(statistics.median(norms), 1e-12)
+
+
 def flags_backdoor(norms: Sequence[float]) -> bool:
     """Whether the smallest trigger stands out. It must be at most `MAX_NORM_RATIO` times the
     median class's, which keeps a teacher whose classes all need about the same mask (a tiny
@@ -151,9 +157,7 @@ def flags_backdoor(norms: Sequence[float]) -> bool:
     `OUTLIER_NORM_RATIO` times the median class's: an order of magnitude below, which the
     anomaly index can miss where the natural classes' masks spread widely (Fashion-MNIST's do,
     from 0.2x to 3x the median)."""
-    index, smallest = anomaly_index(norms)
-    ratio = norms[smallest] / max(torch.tensor(list(norms), dtype=torch.float64).quantile(0.5).item(),
-                                  1e-12)
+    index, ratio = anomaly_index(norms)[0], norm_ratio(norms)
     return ratio <= MAX_NORM_RATIO and (index > ANOMALY_THRESHOLD or ratio <= OUTLIER_NORM_RATIO)
 
 

@@ -35,6 +35,7 @@ from pmafl.robustkd import (
     OUTLIER_NORM_RATIO,
     VET_IMAGES,
     VET_STEPS,
+    norm_ratio,
     vet,
 )
 from pmafl.teacher import (
@@ -215,9 +216,9 @@ def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedD
 
 def vet_summary(record: dict) -> str:
     """One line on a vet record."""
-    smallest, median = min(record["norms"]), statistics.median(record["norms"])
-    evidence = (f"class {record['target']} needs a {smallest:.1f}-pixel trigger, "
-                f"{smallest / max(median, 1e-12):.2f}x the median class's {median:.1f}, anomaly "
+    norms = record["norms"]
+    evidence = (f"class {record['target']} needs a {min(norms):.1f}-pixel trigger, "
+                f"{norm_ratio(norms):.2f}x the median class's {statistics.median(norms):.1f}, anomaly "
                 f"index {record['anomaly_index']:.2f} (flagged at most {MAX_NORM_RATIO:g}x with an "
                 f"index above {ANOMALY_THRESHOLD:g}, or at most {OUTLIER_NORM_RATIO:g}x)")
     if record["backdoored"]:

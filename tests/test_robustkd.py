@@ -18,6 +18,7 @@ from pmafl.robustkd import (
     detoxify,
     feature_stages,
     flags_backdoor,
+    norm_ratio,
     partial_l2,
     reverse_engineer_trigger,
     salt_and_pepper,
@@ -74,6 +75,7 @@ def test_anomaly_index_flags_the_small_outlier():
     index, cls = anomaly_index([10.0, 11.0, 9.0, 10.5, 2.0, 9.5])
     median, mad = 9.75, 0.75 * 1.4826  # |x - median|: .25 1.25 .75 .75 7.75 .25 -> median .75
     assert cls == 4 and index == pytest.approx((median - 2.0) / mad)
+    assert norm_ratio([10.0, 11.0, 9.0, 10.5, 2.0, 9.5]) == pytest.approx(2.0 / median)
 
 
 def test_flagged_as_an_outlier_by_the_index_or_by_an_order_of_magnitude():
