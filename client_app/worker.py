@@ -14,6 +14,13 @@ challenge) before anything is unpickled. A worker exits when it has been idle fo
 or when the process that started its first ClientApp (the SuperNode or SuperExec) is gone. Its
 output goes to `<folder>/run<R>-node<N>.log`.
 
+No wait is unbounded. Every read and write on a connection, the key challenge included, fails
+after `TRANSFER_SECONDS` without progress: the worker then logs and drops that connection and
+serves the next one, as it does with a connection that fails the key challenge or hangs up. A
+ClientApp waits for its reply (and for a worker busy with an earlier message to take its
+connection) at most the run's `round-timeout` plus `REPLY_MARGIN_SECONDS`, as the server stops
+waiting for the reply by then anyway, and then raises a `WorkerError`.
+
     python -m client_app.worker SOCKET KEYFILE WATCH_PID    # what `call` starts
 """
 
@@ -21,13 +28,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from multiprocessing.connection import Client, Connection, Listener
+from collections.abc import Mapping
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,9 @@ from flwr.app import Context, RecordDict
 
 IDLE_SECONDS = 600.0  # a worker with no message for this long exits
 START_SECONDS = 120.0  # how long a new worker may take to listen
+TRANSFER_SECONDS = 30.0  # the longest a read or write of a connection may make no progress
+ROUND_TIMEOUT = 600.0  # the run config's `round-timeout` default, used when it is unset or bad
+REPLY_MARGIN_SECONDS = 60.0  # how much longer than `round-timeout` a ClientApp waits for its reply
 APP_ROOT = Path(__file__).resolve().parents[1]  # the folder holding this app's packages
 
 
@@ -54,29 +68,52 @@ def worker_folder() -> Path:
     return folder
 
 
+def reply_seconds(run_config: Mapping[str, Any]) -> float:
+    """How long `call` waits for the worker: the run's `round-timeout` plus
+    `REPLY_MARGIN_SECONDS`. The server validates `round-timeout`; a value that is missing or not
+    a positive number here counts as its default, `ROUND_TIMEOUT`."""
+    value = run_config.get("round-timeout")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        value = ROUND_TIMEOUT
+    return float(value) + REPLY_MARGIN_SECONDS
+
+
 def call(kind: str, content: RecordDict, context: Context, process_start: float | None,
          folder: Path | None = None, watch_pid: int | None = None) -> RecordDict:
     """Run the handler `kind` ("train" or "evaluate") on the node's warm worker and return the
     reply's content; `context.state` becomes the node's state after the handler. An exception of
     the handler is raised here as it was raised there. A worker started here lives as long as
-    `watch_pid` (default: this process's parent, the SuperNode or SuperExec)."""
+    `watch_pid` (default: this process's parent, the SuperNode or SuperExec). Raises a
+    `WorkerError` when the worker has not replied within `reply_seconds(context.run_config)`."""
     folder = folder or worker_folder()
     watch_pid = watch_pid or os.getppid()
     name = f"run{context.run_id}-node{context.node_id}"
+    log = folder / f"{name}.log"
+    wait = reply_seconds(context.run_config)
+    deadline = time.monotonic() + wait
     for attempt in (1, 2):
-        with _connect(folder, name, watch_pid) as conn:
-            try:
+        try:
+            with _connect(folder, name, watch_pid, deadline) as conn:
                 conn.send((kind, content, context, process_start))
+                if not _ready(conn, deadline):
+                    raise TimeoutError
                 ok, payload, state = conn.recv()
-            except (EOFError, ConnectionError) as e:
-                # Exiting (idle) or killed while it had the message: a handler only changes the
-                # state it returns, so running the message again on a new worker is safe.
-                if attempt == 2:
-                    raise WorkerError(f"the warm worker {name} died twice while handling a {kind} "
-                                      f"message; its log: {folder / (name + '.log')}") from e
-                continue
+        except TimeoutError:
+            raise WorkerError(f"the warm worker {name} did not answer a {kind} message within "
+                              f"{wait:g} s (the run's round-timeout plus {REPLY_MARGIN_SECONDS:g} s); "
+                              f"its log: {log}") from None
+        except BlockingIOError as e:  # a read or write timed out: see `_bound_io`
+            raise WorkerError(f"the warm worker {name} stalled for {TRANSFER_SECONDS:g} s while "
+                              f"exchanging a {kind} message; its log: {log}") from e
+        except (EOFError, ConnectionError) as e:
+            # Exiting (idle) or killed while it had the message: a handler only changes the
+            # state it returns, so running the message again on a new worker is safe.
+            if attempt == 2:
+                raise WorkerError(f"the warm worker {name} died twice while handling a {kind} "
+                                  f"message; its log: {log}") from e
+            continue
         if not ok:
-            payload.add_note(f"(raised in the warm worker {name}; its log: {folder / (name + '.log')})")
+            payload.add_note(f"(raised in the warm worker {name}; its log: {log})")
             raise payload
         context.state = state
         return payload
@@ -87,32 +124,74 @@ def call(kind: str, content: RecordDict, context: Context, process_start: float 
 _NOT_LISTENING = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, EOFError)
 
 
-def _connect(folder: Path, name: str, watch_pid: int) -> Connection:
-    """A connection to the worker `name`, started first when none listens."""
-    socket, keyfile = folder / f"{name}.sock", folder / f"{name}.key"
+def _connect(folder: Path, name: str, watch_pid: int, deadline: float) -> Connection:
+    """A connection to the worker `name`, started first when none listens. Raises TimeoutError
+    when a worker listens but has not taken the connection by `deadline` (a hung one, or one still
+    busy with an earlier message)."""
+    address, keyfile = folder / f"{name}.sock", folder / f"{name}.key"
     with FileLock(str(folder / f"{name}.lock")):
         try:
-            return Client(str(socket), family="AF_UNIX", authkey=keyfile.read_bytes())
+            return _open(address, keyfile.read_bytes(), deadline)
         except _NOT_LISTENING:
             pass  # none yet, or one that is gone: start one
         fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
-        socket.unlink(missing_ok=True)
+        address.unlink(missing_ok=True)
         with open(folder / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "client_app.worker", str(socket), str(keyfile), str(watch_pid)],
+                [sys.executable, "-m", "client_app.worker", str(address), str(keyfile), str(watch_pid)],
                 cwd=APP_ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_SECONDS
+        start_deadline = time.monotonic() + START_SECONDS
         while True:
             try:
-                return Client(str(socket), family="AF_UNIX", authkey=keyfile.read_bytes())
+                return _open(address, keyfile.read_bytes(), deadline)
             except _NOT_LISTENING:
-                if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is not None or time.monotonic() > start_deadline:
                     raise WorkerError(f"the warm worker {name} did not start (exit code "
                                       f"{process.poll()}); its log: {folder / (name + '.log')}") from None
                 time.sleep(0.01)
+
+
+def _open(address: Path, authkey: bytes, deadline: float) -> Connection:
+    """The ClientApp's end: connect, wait until `deadline` for the worker to take the connection,
+    then answer its key challenge and challenge it in turn (as `multiprocessing.connection.Client`
+    does)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _bound_io(sock, TRANSFER_SECONDS)
+        sock.connect(str(address))
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(sock.detach())
+    try:
+        if not _ready(conn, deadline):  # it sends its challenge once it takes the connection
+            raise TimeoutError
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _bound_io(sock: socket.socket, seconds: float) -> None:
+    """Make every read and write of the blocking `sock` fail with an OSError after `seconds`
+    without progress (kernel timeouts, which `Connection` keeps, unlike `settimeout`)."""
+    sock.setblocking(True)
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _ready(conn: Connection, deadline: float) -> bool:
+    """Wait until `conn` has something to read (or is closed), at most until `deadline`."""
+    while (left := deadline - time.monotonic()) > 0:
+        if conn.poll(min(left, 3600.0)):  # poll's own limit is some 24 days
+            return True
+    return conn.poll(0)
 
 
 def _alive(pid: int) -> bool:
@@ -125,12 +204,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def serve(socket: str, keyfile: str, watch_pid: int, idle_seconds: float = IDLE_SECONDS) -> None:
+def serve(address: str, keyfile: str, watch_pid: int, idle_seconds: float = IDLE_SECONDS,
+          transfer_seconds: float = TRANSFER_SECONDS) -> None:
     """The worker's loop: one message at a time, until idle for `idle_seconds` or `watch_pid` is
-    gone."""
-    listener = Listener(socket, family="AF_UNIX", authkey=Path(keyfile).read_bytes())
-    bound = os.stat(socket).st_ino
-    last: list[float | None] = [time.monotonic()]  # None while handling a message
+    gone. A connection whose key challenge or message makes no progress for `transfer_seconds` is
+    dropped."""
+    authkey = Path(keyfile).read_bytes()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(8)
+    bound = os.stat(address).st_ino
+    last: list[float | None] = [time.monotonic()]  # None while handling a connection
 
     def done() -> str | None:
         """Why this worker should exit now, if it should."""
@@ -146,16 +230,16 @@ def serve(socket: str, keyfile: str, watch_pid: int, idle_seconds: float = IDLE_
                 continue
             # Under the lock that `call` holds while it connects or starts a worker: a ClientApp
             # that found this worker going may have started a new one at the same path.
-            with FileLock(str(Path(socket).with_suffix(".lock"))):
+            with FileLock(str(Path(address).with_suffix(".lock"))):
                 reason = done()
                 if reason is None:  # a message came in meanwhile
                     continue
                 try:
-                    ours = os.stat(socket).st_ino == bound
+                    ours = os.stat(address).st_ino == bound
                 except FileNotFoundError:
                     ours = False
                 if ours:  # else the socket and key are a newer worker's
-                    Path(socket).unlink(missing_ok=True)
+                    Path(address).unlink(missing_ok=True)
                     Path(keyfile).unlink(missing_ok=True)
                 print(f"exiting: {reason}", flush=True)
                 os._exit(0)
@@ -163,30 +247,55 @@ def serve(socket: str, keyfile: str, watch_pid: int, idle_seconds: float = IDLE_
     threading.Thread(target=watchdog, daemon=True).start()
     from client_app.handlers import HANDLERS  # torch and the app: once per worker
 
-    print(f"warm worker {os.getpid()} listening on {socket}", flush=True)
+    print(f"warm worker {os.getpid()} listening on {address}", flush=True)
     while True:
         try:
-            conn = listener.accept()
-        except (OSError, EOFError) as e:  # a client that failed the key challenge or hung up
-            print(f"refused a connection: {e!r}", flush=True)
+            sock, _ = listener.accept()
+        except OSError as e:
+            print(f"could not accept a connection: {e!r}", flush=True)
+            time.sleep(0.1)  # out of file descriptors, say: retry, but do not spin
             continue
-        with conn:
-            last[0] = None
-            try:
-                kind, content, context, process_start = conn.recv()
-                reply: tuple[bool, Any, Any] = (True, HANDLERS[kind](content, context, process_start),
-                                                context.state)
-            except Exception as e:  # noqa: BLE001 - every error goes back to the ClientApp
-                traceback.print_exc()
-                reply = (False, e, None)
-            try:
-                conn.send(reply)
-            except Exception as e:  # noqa: BLE001 - a reply that does not pickle, a gone client
-                try:
-                    conn.send((False, WorkerError(f"the worker could not send its reply: {e!r}"), None))
-                except Exception:  # noqa: BLE001
-                    print(f"could not send the reply: {e!r}", flush=True)
-            last[0] = time.monotonic()
+        _bound_io(sock, transfer_seconds)
+        # Busy from here: `call` holds its lock until its side of the challenge is done, so the
+        # watchdog cannot find this worker idle between the challenge and the message.
+        idle_since, last[0] = last[0], None
+        with Connection(sock.detach()) as conn:
+            answered = _answer(conn, authkey, HANDLERS)
+        last[0] = time.monotonic() if answered else idle_since
+
+
+def _answer(conn: Connection, authkey: bytes, handlers: Mapping[str, Any]) -> bool:
+    """The worker's end of one connection: check the key, run the message's handler and send back
+    its reply (or its exception). False when the connection was dropped before its message came
+    in."""
+    try:
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    except Exception as e:  # noqa: BLE001 - a wrong key, a hang-up, a stall, garbage
+        print(f"refused a connection: {e!r}", flush=True)
+        return False
+    try:
+        message = conn.recv_bytes()
+    except (OSError, EOFError) as e:
+        print(f"dropped a connection before its message came in: {e!r}", flush=True)
+        return False
+    try:
+        kind, content, context, process_start = ForkingPickler.loads(message)
+        reply: tuple[bool, Any, Any] = (True, handlers[kind](content, context, process_start),
+                                        context.state)
+    except Exception as e:  # noqa: BLE001 - every error goes back to the ClientApp
+        traceback.print_exc()
+        reply = (False, e, None)
+    try:
+        data = ForkingPickler.dumps(reply)
+    except Exception as e:  # noqa: BLE001 - a reply that does not pickle
+        data = ForkingPickler.dumps((False, WorkerError(f"the worker could not send its reply: {e!r}"),
+                                     None))
+    try:
+        conn.send_bytes(data)
+    except OSError as e:  # a ClientApp that is gone or stalled: the next one gets its own reply
+        print(f"could not send the reply: {e!r}", flush=True)
+    return True
 
 
 if __name__ == "__main__":

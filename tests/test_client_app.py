@@ -413,3 +413,134 @@ def test_an_exiting_worker_leaves_a_newer_workers_socket_alone(tmp_path):
         new.close()
     finally:
         old.kill()
+
+
+def start_worker(folder, watch_pid, **serve_options):
+    """A warm worker for run 1, node 7 in `folder`, as `call` starts it but with `serve`'s keyword
+    arguments, once it listens."""
+    (folder / "run1-node7.key").write_bytes(os.urandom(32))
+    options = "".join(f", {key}={value!r}" for key, value in serve_options.items())
+    code = ("import sys; from client_app.worker import serve; "
+            f"serve(*sys.argv[1:3], int(sys.argv[3]){options})")
+    with open(folder / "run1-node7.log", "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-c", code, str(folder / "run1-node7.sock"),
+                                   str(folder / "run1-node7.key"), str(watch_pid)],
+                                  cwd=Path(__file__).resolve().parents[1], stdout=log,
+                                  stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while worker.pid not in worker_pids(folder):
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    return worker
+
+
+def unknown_handler(folder, watch_pid):
+    """`call` a handler that does not exist: the worker answers with the KeyError."""
+    from client_app.worker import call
+
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=RUN)
+    with pytest.raises(KeyError, match="no-such-handler") as raised:
+        call("no-such-handler", RecordDict(), ctx, None, folder, watch_pid)
+    return raised.value
+
+
+def test_a_client_with_a_wrong_key_is_refused_and_the_worker_serves_the_next(tmp_path):
+    from multiprocessing.connection import AuthenticationError, Client
+
+    worker = start_worker(tmp_path, os.getpid())
+    try:
+        with pytest.raises(AuthenticationError):
+            Client(str(tmp_path / "run1-node7.sock"), family="AF_UNIX", authkey=b"wrong key")
+        error = unknown_handler(tmp_path, os.getpid())
+        assert any("raised in the warm worker run1-node7" in note for note in error.__notes__)
+        assert worker.poll() is None and worker_pids(tmp_path) == [worker.pid]  # the same worker
+        assert "refused a connection: AuthenticationError" in (tmp_path / "run1-node7.log").read_text()
+    finally:
+        worker.kill()
+        stop(worker_pids(tmp_path))
+
+
+def test_a_client_that_stalls_holds_the_worker_only_for_the_transfer_timeout(tmp_path):
+    """One that connects and sends nothing (in the key challenge), one that passes the challenge
+    and sends no message: the worker drops each after `transfer_seconds`, then serves a ClientApp."""
+    import socket
+    import threading
+    from multiprocessing.connection import Client
+
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the SuperNode
+    address = str(tmp_path / "run1-node7.sock")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    served = []
+    clientapp = threading.Thread(target=lambda: served.append(unknown_handler(tmp_path, node.pid)),
+                                 daemon=True)
+    try:
+        worker = start_worker(tmp_path, node.pid, transfer_seconds=1.0)
+        with Client(address, family="AF_UNIX", authkey=(tmp_path / "run1-node7.key").read_bytes()):
+            silent.connect(address)
+            clientapp.start()
+            clientapp.join(timeout=30)  # the default transfer timeout, for two stalled clients
+        assert served, "the worker was still held by the stalled clients"
+        assert worker.poll() is None and worker_pids(tmp_path) == [worker.pid]
+        log = (tmp_path / "run1-node7.log").read_text()
+        assert "dropped a connection before its message came in: BlockingIOError" in log
+        assert "refused a connection: BlockingIOError" in log
+    finally:
+        silent.close()
+        node.kill()
+        if clientapp.is_alive():
+            clientapp.join(timeout=30)
+        stop(worker_pids(tmp_path))
+
+
+def test_call_gives_up_on_a_worker_that_does_not_answer_within_the_round_timeout(tmp_path, monkeypatch):
+    """A worker that takes the message and never answers, and one that never takes the connection
+    (busy with an earlier message): `call` waits `round-timeout` plus the margin, then says so."""
+    import socket
+    import threading
+    from multiprocessing.connection import Listener
+
+    from client_app.worker import WorkerError, call
+
+    monkeypatch.setattr("client_app.worker.REPLY_MARGIN_SECONDS", 0.0)
+    keyfile, address = tmp_path / "run1-node7.key", str(tmp_path / "run1-node7.sock")
+    keyfile.write_bytes(os.urandom(32))
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={"round-timeout": 1})
+    late = r"warm worker run1-node7 did not answer a train message within 1 s .*its log: .*run1-node7\.log"
+    released = threading.Event()
+    listener = Listener(address, family="AF_UNIX", authkey=keyfile.read_bytes())
+
+    def hung_worker():
+        while not released.is_set():
+            with listener.accept() as conn:
+                conn.recv()
+                released.wait(30)
+
+    threading.Thread(target=hung_worker, daemon=True).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=late):
+            call("train", RecordDict(), ctx, None, tmp_path, os.getpid())
+        assert 1.0 <= time.monotonic() - start < 20
+    finally:
+        released.set()
+        listener.close()
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listens, never accepts
+    busy.bind(address)
+    busy.listen(8)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=late):
+            call("train", RecordDict(), ctx, None, tmp_path, os.getpid())
+        assert 1.0 <= time.monotonic() - start < 20
+    finally:
+        busy.close()
+
+
+def test_the_reply_timeout_is_the_round_timeout_plus_a_margin_and_survives_bad_values():
+    from client_app.worker import REPLY_MARGIN_SECONDS, ROUND_TIMEOUT, reply_seconds
+
+    assert reply_seconds({"round-timeout": 60}) == 60 + REPLY_MARGIN_SECONDS
+    assert reply_seconds({"round-timeout": 1.5}) == 1.5 + REPLY_MARGIN_SECONDS
+    for bad in ({}, {"round-timeout": "60"}, {"round-timeout": True}, {"round-timeout": -1},
+                {"round-timeout": 0}, {"round-timeout": float("nan")}):
+        assert reply_seconds(bad) == ROUND_TIMEOUT + REPLY_MARGIN_SECONDS
