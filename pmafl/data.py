@@ -9,8 +9,9 @@ only for the part a process works on.
 `digits` (scikit-learn's 8x8 handwritten digits) ships with scikit-learn, so the default run needs
 no network. Fashion-MNIST is read from its four original gzip IDX files: from `data-dir`, else from
 Debian's `dataset-fashion-mnist` package, else from the cache folder. CIFAR-10/100 are read from
-the python-pickle archives' on-disk format, SVHN through torchvision. None downloads unless
-`download` is true.
+the python-pickle archives' on-disk format, with an unpickler that builds nothing but NumPy arrays
+and plain containers; SVHN through torchvision. None downloads unless `download` is true, and
+then only over https, each file checked against its pinned sha256 before it is used.
 
 `max_pool` caps the client pool (a class-stratified subset, the same on every machine): the knob
 that makes a federation on 60,000 images affordable on a CPU.
@@ -20,9 +21,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import pickle
 import shutil
+import tarfile
+import tempfile
+import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +42,14 @@ DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "svhn")
 # The public/pool split is fixed across runs: a cached teacher must never have seen client data,
 # whatever seed the federation uses.
 SPLIT_SEED = 2024
+# (folder, archive URL, the archive's sha256, training files, test file, label key)
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "c58f30108f718f92721af3b95e74349a", [f"data_batch_{i}" for i in range(1, 6)],
-                "test_batch", b"labels"),
+                "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+                [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels"),
     "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                 "eb9058c3a382ffc7106e4002c42a8d85", ["train"], "test", b"fine_labels"),
+                 "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7", ["train"],
+                 "test", b"fine_labels"),
 }
 
 
@@ -82,6 +90,43 @@ class FederatedData:
 
 def default_data_dir() -> Path:
     return cache_root() / "data"
+
+
+def fetch(url: str, target: Path, sha256: str, digest_of: str = "file") -> None:
+    """Fetch `url` into `target`, only over https (or from a local `file:` mirror), and only if
+    its sha256 is `sha256`: of the file's bytes, or with `digest_of="gzip"` of its decompressed
+    contents (the identity of data that mirrors recompress). A file that does not match is
+    refused and never written to `target`."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("https", "file"):
+        raise DatasetError(f"refusing to download {url}: only https (or a local file: mirror) is "
+                           "allowed")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response:
+                shutil.copyfileobj(response, tmp)
+            tmp.close()
+            found = _sha256(Path(tmp.name), digest_of)
+            if found != sha256:
+                what = "decompressed download" if digest_of == "gzip" else "download"
+                raise DatasetError(f"{url}: sha256 {found} of the {what}, expected {sha256}; it is "
+                                   "not the file pmafl knows, and was not kept")
+            with open(tmp.name, "rb") as verified:
+                write_atomic(target, lambda f: shutil.copyfileobj(verified, f))
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+
+
+def _sha256(path: Path, digest_of: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with (gzip.open(path, "rb") if digest_of == "gzip" else path.open("rb")) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: not a readable gzip file ({e})") from e
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,13 +197,38 @@ def _digits() -> tuple[Split, Split, int]:
     return full.subset(train_idx), full.subset(test_idx), 10
 
 
-def _cifar(name: str, root: Path, download: bool) -> tuple[Split, Split, int]:
-    folder, url, md5, train_files, test_file, label_key = _CIFAR[name]
-    base = root / folder
-    if not base.is_dir() and download:
-        from torchvision.datasets.utils import download_and_extract_archive
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles NumPy arrays and plain containers, and refuses every other global: a data file
+    can describe data, never run code."""
 
-        download_and_extract_archive(url, str(root), md5=md5)
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays may be unpickled")
+        return super().find_class(module, name)
+
+
+def load_arrays_pickle(path: Path) -> object:
+    """A pickled data file (CIFAR's batches) through `_ArraysOnly`; a file that holds anything
+    else, or is cut short, is refused with an error naming it."""
+    try:
+        with path.open("rb") as f:
+            return _ArraysOnly(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{path}: not a pickled batch of NumPy arrays ({e})") from e
+
+
+def _cifar(name: str, root: Path, download_missing: bool) -> tuple[Split, Split, int]:
+    folder, url, sha256, train_files, test_file, label_key = _CIFAR[name]
+    base = root / folder
+    if not base.is_dir() and download_missing:
+        archive = root / url.rsplit("/", 1)[1]
+        if not archive.is_file():
+            fetch(url, archive, sha256)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")  # no links out, no absolute paths
     if not base.is_dir():
         raise DatasetError(f"dataset {name!r}: no folder {base}; put the python version of "
                                 f"{name} there, or set download=true")
@@ -169,21 +239,23 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[Split, Split, int]:
             path = base / file
             if not path.is_file():
                 raise DatasetError(f"dataset {name!r}: missing file {path}")
-            with path.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            batch = load_arrays_pickle(path)
+            try:
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{path}: not a {name} batch (its data or {label_key.decode()!r} "
+                                   f"is missing or malformed: {e})") from e
         return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
     return read(train_files), read([test_file]), 10 if name == "cifar10" else 100
 
 
-def _torchvision_split(cls: type, root: Path, download: bool, name: str, **kwargs) -> Split:
+def _torchvision_split(cls: type, root: Path, name: str, **kwargs) -> Split:
     try:
-        ds = cls(str(root), download=download, **kwargs)
+        ds = cls(str(root), download=False, **kwargs)
     except RuntimeError as e:
-        raise DatasetError(f"dataset {name!r} not found under {root} ({e}); "
-                                "set download=true to fetch it") from e
+        raise DatasetError(f"dataset {name!r} not found under {root} ({e})") from e
     labels = getattr(ds, "targets", None)
     labels = ds.labels if labels is None else labels
     images = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
@@ -197,7 +269,15 @@ FASHION_MNIST_FILES = {
     "test-images": "t10k-images-idx3-ubyte.gz", "test-labels": "t10k-labels-idx1-ubyte.gz"}
 # Where Debian's package `dataset-fashion-mnist` installs the original files.
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_URL = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+# sha256 of each file's decompressed contents: the same for the official archives (whose MD5s
+# Zalando publishes) and for Debian's package, which recompresses them.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 _IDX_DTYPES = {0x08: np.uint8}
 
 
@@ -208,7 +288,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # not gzip, or cut short
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, or a corrupt stream
         raise DatasetError(f"{path}: not a readable gzip file ({e}); the file is truncated or "
                            "corrupt: fetch it again") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] != ndim:
@@ -225,7 +305,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def fashion_mnist_folder(data_dir: Path | None, download: bool) -> Path:
+def fashion_mnist_folder(data_dir: Path | None, download_missing: bool) -> Path:
     """The folder holding the four Fashion-MNIST files: `data_dir` (or its `fashion-mnist`
     subfolder) when given, else Debian's package folder, else the cache folder."""
     if data_dir is not None:
@@ -236,11 +316,10 @@ def fashion_mnist_folder(data_dir: Path | None, download: bool) -> Path:
         if all((folder / file).is_file() for file in FASHION_MNIST_FILES.values()):
             return folder
     target = candidates[-1]
-    if download:
+    if download_missing:
         for file in FASHION_MNIST_FILES.values():
             if not (target / file).is_file():
-                with urllib.request.urlopen(FASHION_MNIST_URL + file, timeout=120) as response:
-                    write_atomic(target / file, lambda f, r=response: shutil.copyfileobj(r, f))
+                fetch(FASHION_MNIST_URL + file, target / file, FASHION_MNIST_SHA256[file], "gzip")
         return target
     looked = ", ".join(str(c) for c in candidates)
     raise DatasetError(
@@ -250,8 +329,8 @@ def fashion_mnist_folder(data_dir: Path | None, download: bool) -> Path:
         "set download=true")
 
 
-def _fashion_mnist(data_dir: Path | None, download: bool) -> tuple[Split, Split, int]:
-    folder = fashion_mnist_folder(data_dir, download)
+def _fashion_mnist(data_dir: Path | None, download_missing: bool) -> tuple[Split, Split, int]:
+    folder = fashion_mnist_folder(data_dir, download_missing)
 
     def read(part: str) -> Split:
         images_path = folder / FASHION_MNIST_FILES[f"{part}-images"]
@@ -270,11 +349,15 @@ def _fashion_mnist(data_dir: Path | None, download: bool) -> tuple[Split, Split,
     return read("train"), read("test"), 10
 
 
-def _svhn(root: Path, download: bool) -> tuple[Split, Split, int]:
+def _svhn(root: Path, download_missing: bool) -> tuple[Split, Split, int]:
     from torchvision.datasets import SVHN
 
-    train = _torchvision_split(SVHN, root / "svhn", download, "svhn", split="train")
-    test = _torchvision_split(SVHN, root / "svhn", download, "svhn", split="test")
+    if download_missing:
+        raise DatasetError(f"dataset 'svhn': its files are served over plain http with no published "
+                           f"sha256, so pmafl does not download them; put train_32x32.mat and "
+                           f"test_32x32.mat in {root / 'svhn'} and set download=false")
+    train = _torchvision_split(SVHN, root / "svhn", "svhn", split="train")
+    test = _torchvision_split(SVHN, root / "svhn", "svhn", split="test")
     return train, test, 10
 
 

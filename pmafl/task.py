@@ -43,6 +43,7 @@ from pmafl.teacher import (
     ensure_teacher,
     load_detoxified,
     load_teacher,
+    read_record,
     teacher_path,
     write_vet,
 )
@@ -204,7 +205,7 @@ def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedD
     per class on the public split's first `VET_IMAGES` images, which every node's copy of the
     dataset holds, so that any node computes the same record."""
     with FileLock(str(path) + ".lock"):
-        vet_record = json.loads(path.with_suffix(".json").read_text()).get("vet")
+        vet_record = read_record(path.with_suffix(".json")).get("vet")
         if vet_record is None or again:
             log.info("teacher %s: vetting it (Neural Cleanse over %d classes, %d steps each)",
                      path.name, data.num_classes, steps)

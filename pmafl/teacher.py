@@ -45,6 +45,18 @@ class TeacherError(RuntimeError):
     """The cached teacher is missing, tampered with, or does not fit the run."""
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """A teacher's JSON record (`<teacher>.json`); one that is not a readable JSON object is
+    refused with an error naming it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TeacherError(f"teacher record {path} is not readable JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise TeacherError(f"teacher record {path} is not a JSON object")
+    return record
+
+
 def cache_folder(cache_dir: str | Path = "") -> Path:
     """The teacher cache folder: `cache_dir`, or by default ~/.cache/pmafl/teachers."""
     return Path(cache_dir).expanduser() if cache_dir else cache_root() / "teachers"
@@ -96,7 +108,7 @@ def load_teacher(path: str | Path, num_classes: int, expected_sha256: str = "",
         raise TeacherError(f"teacher file {path} is missing")
     if not meta_path.is_file():
         raise TeacherError(f"teacher record {meta_path} is missing: the cache cannot verify {path.name}")
-    meta = json.loads(meta_path.read_text())
+    meta = read_record(meta_path)
     sha256 = file_sha256(path)
     if sha256 != meta.get("sha256"):
         raise TeacherError(f"teacher file {path} has sha256 {sha256} but the cache recorded "
@@ -206,7 +218,7 @@ def write_vet(path: Path, result: VetResult) -> dict[str, Any]:
     the vet file holds) and summarise it, with the vet file's sha256, under `vet` in the
     teacher's record (the teacher's own sha256 stays as it was)."""
     meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
+    meta = read_record(meta_path)
     sha256 = file_sha256(path)
     if sha256 != meta.get("sha256"):
         raise TeacherError(f"teacher file {path} does not match its record: not vetting it")
@@ -228,7 +240,7 @@ def load_detoxified(path: Path, teacher: nn.Module) -> tuple[DetoxifiedTeacher, 
     """The loaded `teacher` (from the file `path`) wrapped with its recorded detoxification, and
     the record's `vet` summary. Refused: a missing vet record or file, a vet file whose sha256
     differs from the record, or one written for another teacher file."""
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = read_record(path.with_suffix(".json"))
     vet = meta.get("vet")
     if vet is None:
         raise TeacherError(f"teacher file {path} has not been vetted (no 'vet' in its record): run "

@@ -26,7 +26,6 @@ from the detoxified teacher; they vet a teacher that has no vet record before ro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from pmafl.teacher import (
     file_sha256,
     load_detoxified,
     load_teacher,
+    read_record,
     teacher_path,
     teacher_record,
     vet_path,
@@ -64,7 +64,7 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
     if not source.is_file():
         raise TeacherError(f"teacher file {source} does not exist")
     record = source.with_suffix(".json")
-    meta: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
+    meta: dict[str, Any] = read_record(record) if record.is_file() else {}
     if meta and meta.get("sha256") != file_sha256(source):
         raise TeacherError(f"teacher file {source} does not match the sha256 in {record}: the file "
                            "was modified or is corrupt")
@@ -100,7 +100,7 @@ def pretrain(cfg: RunConfig, cache_dir: str) -> tuple[Path, str, dict[str, Any]]
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _, sha256, path = prepare_teacher(cfg, load_data(cfg), cache_dir)
-    return path, sha256, json.loads(path.with_suffix(".json").read_text())
+    return path, sha256, read_record(path.with_suffix(".json"))
 
 
 def vet_file(path: Path, run_config: list[str], steps: int = VET_STEPS) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def vet_file(path: Path, run_config: list[str], steps: int = VET_STEPS) -> dict[
     record = path.with_suffix(".json")
     if not path.is_file() or not record.is_file():
         raise TeacherError(f"teacher file {path} or its record {record} does not exist")
-    meta = json.loads(record.read_text())
+    meta = read_record(record)
     values = {**parse_overrides(run_config), "dataset": meta["dataset"],
               "public-fraction": meta["settings"]["public_fraction"]}
     data = load_data(RunConfig.from_mapping(values, where="--run-config"))
@@ -121,7 +121,7 @@ def vet_file(path: Path, run_config: list[str], steps: int = VET_STEPS) -> dict[
 def show(cache_dir: str) -> list[dict[str, Any]]:
     rows = []
     for record in sorted(cache_folder(cache_dir).glob("*.json")):
-        meta = json.loads(record.read_text())
+        meta = read_record(record)
         pt = record.with_suffix(".pt")
         actual = file_sha256(pt) if pt.is_file() else None
         status = "ok" if actual == meta.get("sha256") else "MISSING FILE" if actual is None else "TAMPERED"

@@ -1,7 +1,9 @@
 """Splits, partitions, and the CIFAR-10 reader on a small fake dataset in the real on-disk format."""
 
 import gzip
+import hashlib
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +60,7 @@ def test_partition_id_out_of_range_is_rejected():
 
 def write_fake_cifar10(root, per_batch=8):
     folder = root / "cifar-10-batches-py"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     written = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -188,16 +190,91 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     assert len(load_dataset("fashion-mnist", "", False, 0.2).test) == 20
 
 
-def test_download_fetches_the_four_files_into_the_cache(tmp_path, monkeypatch):
+def _decompressed_sha256(folder):
+    return {f: hashlib.sha256(gzip.open(folder / f).read()).hexdigest() for f in FASHION_MNIST_FILES.values()}
+
+
+def test_download_fetches_the_four_files_into_the_cache_and_checks_them(tmp_path, monkeypatch):
     """The download path, against a local mirror (file:// URL) instead of the network."""
     write_fake_fashion_mnist(tmp_path / "mirror")
     monkeypatch.setattr(data_module, "FASHION_MNIST_URL", (tmp_path / "mirror").as_uri() + "/")
     monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN", tmp_path / "not-installed")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    data = load_dataset("fashion-mnist", "", True, 0.3)
+    cache = tmp_path / "cache" / "pmafl" / "data" / "fashion-mnist"
+    # The pinned sha256 is the real Fashion-MNIST's: the fake files are refused, and not kept.
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz: sha256 [0-9a-f]{64} of the "
+                                           "decompressed download, expected c59f468a"):
+        load_dataset("fashion-mnist", "", True, 0.3)
+    assert not any(cache.glob("*")) if cache.exists() else True
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SHA256", _decompressed_sha256(tmp_path / "mirror"))
+    data = load_dataset("fashion-mnist", "", True, 0.31)
     assert len(data.test) == 20
-    assert all((tmp_path / "cache" / "pmafl" / "data" / "fashion-mnist" / f).is_file()
-               for f in FASHION_MNIST_FILES.values())
+    assert all((cache / f).is_file() for f in FASHION_MNIST_FILES.values())
+
+
+def test_downloads_go_over_https_only(tmp_path):
+    with pytest.raises(DatasetError, match="refusing to download http://example.org/x.gz: only https"):
+        data_module.fetch("http://example.org/x.gz", tmp_path / "x.gz", "0" * 64)
+    assert data_module.FASHION_MNIST_URL.startswith("https://")
+    assert all(url.startswith("https://") for _, url, *_ in data_module._CIFAR.values())
+    with pytest.raises(DatasetError, match="no published sha256"):
+        load_dataset("svhn", str(tmp_path), True, 0.3)
+
+
+@pytest.mark.skipif(not data_module.FASHION_MNIST_DEBIAN.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_pinned_sha256_are_those_of_the_real_files():
+    assert _decompressed_sha256(data_module.FASHION_MNIST_DEBIAN) == data_module.FASHION_MNIST_SHA256
+
+
+def test_a_corrupt_gzip_stream_gets_the_error_that_names_the_file(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    path = tmp_path / FASHION_MNIST_FILES["train-labels"]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 8] = b"\xff" * 8  # a valid header, a broken deflate stream
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.gz: not a readable gzip file"):
+        read_idx(path, 1)
+
+
+class _RunsCode:
+    """A pickle that calls `Path.touch` on load: what a hostile data file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_naming_it(tmp_path):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "code-ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((8, 3072), np.uint8), b"labels": _RunsCode(marker)}, f)
+    with pytest.raises(DatasetError, match="data_batch_3: not a pickled batch of NumPy arrays "
+                                           "\\(refusing pathlib.Path.touch"):
+        load_dataset("cifar10", str(tmp_path), False, 0.25)
+    assert not marker.exists()
+
+
+def test_the_cifar_download_is_checked_before_it_is_unpacked(tmp_path, monkeypatch):
+    import tarfile
+
+    write_fake_cifar10(tmp_path / "src")
+    archive = tmp_path / "mirror" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    folder, _, _, *rest = data_module._CIFAR["cifar10"]
+    monkeypatch.setitem(data_module._CIFAR, "cifar10", (folder, archive.as_uri(), "0" * 64, *rest))
+    with pytest.raises(DatasetError, match="cifar-10-python.tar.gz: sha256 .* expected 0000"):
+        load_dataset("cifar10", str(tmp_path / "data"), True, 0.25)
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(data_module._CIFAR, "cifar10", (folder, archive.as_uri(), sha256, *rest))
+    assert len(load_dataset("cifar10", str(tmp_path / "data"), True, 0.3).test) == 8
 
 
 @pytest.mark.skipif(not data_module.FASHION_MNIST_DEBIAN.is_dir(),
