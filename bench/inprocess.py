@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 Handler = Callable[[Message, Context], Message]
 
@@ -19,6 +20,8 @@ class InProcessGrid:
     def __init__(self, handlers: dict[str, Handler], node_configs: dict[int, dict],
                  run_config: dict, shuffle_seed: int | None = None) -> None:
         self.handlers = handlers
+        # Flower's runtime sets this in every app process; Messages cannot be built without it.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         # Replies come back in a random order when seeded, as they do from real nodes.
         self.rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
         self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(),

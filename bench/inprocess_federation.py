@@ -13,7 +13,8 @@ fine-tuning time as a ratio to the slowest client's local training and to the wh
     python bench/inprocess_federation.py --set backdoor-rate=0.1 --set robustkd-weight=1   # with RobustKD
 
 `--malicious N --attack ...` makes the first N clients malicious, and the server aggregates as
-the `aggregation`, `trim-fraction` and `clip-factor` keys say, with the strategy's own functions.
+the `aggregation`, `trim-fraction`, `clip-factor` and `weight-cap` keys say, with the strategy's
+own functions (bench/hostile.py runs the real ServerApp against hostile nodes).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pmafl.task import (
 )
 from pmafl.teacher import load_detoxified
 from pmafl.train import pmafl_train, warmup_eps
-from strategies.strategy_utils import clip_updates, robust_aggregate
+from strategies.strategy_utils import capped_weights, clip_updates, robust_aggregate
 
 MALICIOUS = ("scale", "sign-flip", "label-flip")
 
@@ -138,6 +139,7 @@ def main() -> None:
                 records[pid] = malicious_update(records[pid], sent, 100.0 if args.attack == "scale" else -1.0)
         if cfg.clip_factor > 0:
             records, _ = clip_updates(records, sent, cfg.clip_factor)
+        weights = capped_weights(weights, cfg.weight_cap)
         aggregate = robust_aggregate(records, weights, cfg.aggregation, cfg.trim_fraction)
         global_model.load_state_dict(aggregate.to_torch_state_dict())
         server_start = time.time()

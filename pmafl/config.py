@@ -213,15 +213,22 @@ class RunConfig:
                               choices=AGGREGATIONS)
     trim_fraction: float = option(0.2, "Share of the updates `trimmed-mean` cuts from each end, per "
                                   "coordinate.", low=0, high=0.49)
-    clip_factor: float = option(0.0, "Norm-bounded updates: scale each client's update down to at "
+    clip_factor: float = option(2.0, "Norm-bounded updates: scale each client's update down to at "
                                 "most this many times the round's median update norm (0: off).",
                                 low=0)
+    weight_cap: float = option(1.0, "A node's weight in the mean is its `num-examples`, at most this "
+                               "many times the round's median claim (0: uncapped).", low=0)
     node_wait_timeout: float = option(3600.0, "Seconds the server waits for `min-available-nodes` "
                                       "connected nodes before a round; then the run stops with "
                                       "an error (its checkpoint intact).", low=0, low_open=True)
     max_idle_rounds: int = option(3, "Stop the run after this many rounds in a row with fewer "
                                   "than `min-train-nodes` valid replies (such a round leaves the "
                                   "global model as it was).", low=1)
+    max_missed_rounds: int = option(2, "A node that did not answer in this many rounds in a row "
+                                    "is not sampled for `skip-rounds` rounds (0: never skipped).",
+                                    low=0)
+    skip_rounds: int = option(3, "Rounds a node that missed `max-missed-rounds` rounds in a row "
+                              "is not sampled.", low=1)
     dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), "
                           "`fashion-mnist` (Debian's `dataset-fashion-mnist`, offline, or "
                           "`data-dir`), `cifar10`, `cifar100`, `svhn` (from `data-dir`).",
@@ -276,8 +283,12 @@ class RunConfig:
                              "start: PGD-20 by default).", low=1)
     results_dir: str = option("results", "Where each run writes its results folder (relative "
                               "paths resolve against the app folder).")
-    resume_from: str = option("", "Results folder of an interrupted run: continue after the last "
-                              "round its checkpoint holds, with the same run config otherwise.")
+    resume_from: str = option("", "Results folder of an interrupted run (continue after its "
+                              "newest checkpoint), or one of its checkpoint files "
+                              "(`checkpoint-round<N>.pt`: continue after round N), with the same "
+                              "run config otherwise.")
+    keep_checkpoints: int = option(3, "Checkpoints a run keeps: those of its last this many rounds.",
+                                   low=1)
     device: str = option("auto", "`auto` (CUDA when present), `cpu` or `cuda`.", choices=DEVICES)
     server_finetune: str = option("off", "Server-side fine-tuning of every round's aggregate: "
                                   "`off`; `fedftg` (FedFTG: data-free distillation from the "

@@ -56,6 +56,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(len(labels), 1)
 
 
+# What `evaluate` returns: the keys of every federated-evaluation reply, besides `num-examples`.
+SCORES = ("clean_acc", "clean_loss", "fgsm_acc", "pgd_acc")
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
              steps: int = 20, batch_size: int = 256) -> dict[str, float]:
     """{"clean_acc", "clean_loss", "fgsm_acc", "pgd_acc"} on images in [0, 1]: PGD-`steps` as

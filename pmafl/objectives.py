@@ -192,29 +192,37 @@ def calfat_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 class Objective:
     step: Callable[..., Terms]
     doc: str
+    terms: tuple[str, ...]  # the names `step` always returns besides "loss"
     needs_teacher: bool = False
     needs_prior: bool = False
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Terms `step` returns only when a TrainConfig weight is > 0: {term: weight field}.
+    weighted_terms: Mapping[str, str] = field(default_factory=dict)
 
 
 _PMAFL = "PM-AFL: vanilla + adversarial mixture KD + consistency with the global model"
+_PMAFL_TERMS = ("loss-vkd", "loss-akd", "loss-alg")
+_PMAFL_CE = {"loss-ce": "ce_weight"}
 OBJECTIVES: dict[str, Objective] = {
-    "pmafl": Objective(pmafl_step, _PMAFL, needs_teacher=True),
-    "ce": Objective(ce_step, "FedAvg, clean cross-entropy"),
-    "pgd-at": Objective(pgd_at_step, "FedAvg + Madry adversarial training"),
-    "fat": Objective(fat_step, "clean + adversarial cross-entropy"),
-    "trades": Objective(trades_step, "TRADES, `beta`"),
-    "mart": Objective(mart_step, "MART, `beta`"),
-    "calfat": Objective(calfat_step, "CalFAT, calibrated by the client's class prior",
+    "pmafl": Objective(pmafl_step, _PMAFL, _PMAFL_TERMS, needs_teacher=True, weighted_terms=_PMAFL_CE),
+    "ce": Objective(ce_step, "FedAvg, clean cross-entropy", ()),
+    "pgd-at": Objective(pgd_at_step, "FedAvg + Madry adversarial training", ()),
+    "fat": Objective(fat_step, "clean + adversarial cross-entropy", ("loss-clean", "loss-adv")),
+    "trades": Objective(trades_step, "TRADES, `beta`", ("loss-ce", "loss-kl")),
+    "mart": Objective(mart_step, "MART, `beta`", ("loss-bce", "loss-kl")),
+    "calfat": Objective(calfat_step, "CalFAT, calibrated by the client's class prior", (),
                         needs_prior=True),
     "kdiga": Objective(kdiga_step, "KD as in KDIGA: (1 - alpha) CE + alpha KL to the teacher, "
                        "plus `kdiga-weight` times the input-gradient alignment (0: plain KD)",
-                       needs_teacher=True),
-    "pmafl-no-vkd": Objective(pmafl_step, "ablation: alpha 0", True, overrides={"alpha": 0.0}),
-    "pmafl-no-akd": Objective(pmafl_step, "ablation: alpha 1", True, overrides={"alpha": 1.0}),
-    "pmafl-no-alg": Objective(pmafl_step, "ablation: lambda 0", True, overrides={"lambda_alg": 0.0}),
-    "pmafl-no-mixup": Objective(pmafl_step, "ablation: mixup a 0", True,
-                                overrides={"mixup_alpha": 0.0}),
+                       ("loss-ce", "loss-kl"), needs_teacher=True),
+    "pmafl-no-vkd": Objective(pmafl_step, "ablation: alpha 0", _PMAFL_TERMS, True,
+                              overrides={"alpha": 0.0}, weighted_terms=_PMAFL_CE),
+    "pmafl-no-akd": Objective(pmafl_step, "ablation: alpha 1", _PMAFL_TERMS, True,
+                              overrides={"alpha": 1.0}, weighted_terms=_PMAFL_CE),
+    "pmafl-no-alg": Objective(pmafl_step, "ablation: lambda 0", _PMAFL_TERMS, True,
+                              overrides={"lambda_alg": 0.0}, weighted_terms=_PMAFL_CE),
+    "pmafl-no-mixup": Objective(pmafl_step, "ablation: mixup a 0", _PMAFL_TERMS, True,
+                                overrides={"mixup_alpha": 0.0}, weighted_terms=_PMAFL_CE),
 }
 
 

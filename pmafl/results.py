@@ -1,9 +1,10 @@
 """A run's results folder: results.json, the final global model, an accuracy plot, and the
-checkpoint written after every round (from which an interrupted run resumes)."""
+checkpoints of the last rounds (from which an interrupted run resumes)."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from torch import nn
 from pmafl.config import documented_defaults
 from pmafl.files import write_atomic
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint-round{:04d}.pt"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-round(\d+)\.pt")
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("resume-from", "results-dir", "round-timeout", "num-server-rounds")
+RESUMABLE_CHANGES = ("resume-from", "results-dir", "round-timeout", "num-server-rounds",
+                     "keep-checkpoints")
 
 
 class CheckpointError(RuntimeError):
@@ -35,33 +38,63 @@ def new_results_folder(results_dir: str | Path, objective: str, seed: int) -> Pa
 
 
 def write_results(folder: Path, config: dict[str, Any], rounds: list[dict[str, Any]],
-                  model: nn.Module) -> None:
-    """results.json ({"config": ..., "rounds": [...]}), model.pt (state dict) and accuracy.png."""
-    (folder / "results.json").write_text(json.dumps({"config": config, "rounds": rounds}, indent=2))
-    torch.save(model.state_dict(), folder / "model.pt")
+                  model: nn.Module, stopped: str = "") -> None:
+    """results.json ({"config": ..., "rounds": [...]}, and "stopped": the reason when the run
+    stopped before its last round), model.pt (state dict) and accuracy.png, each written
+    atomically: a crash leaves the previous file or the new one, never half of one."""
+    results: dict[str, Any] = {"config": config, "rounds": rounds}
+    if stopped:
+        results["stopped"] = stopped
+    # The model first: results.json is what marks a finished run (`./run.sh` waits for it).
+    write_atomic(folder / "model.pt", lambda f: torch.save(model.state_dict(), f))
+    write_atomic(folder / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     title = f"{config.get('objective')} on {config.get('dataset')}"
     plot_accuracy(rounds, folder / "accuracy.png", title=title)
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints in a results folder, oldest round first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-round*.pt")
+             if (m := _CHECKPOINT_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def save_checkpoint(folder: Path, server_round: int, state_dict: dict[str, torch.Tensor],
                     rounds: list[dict[str, Any]], config: dict[str, Any],
-                    server_state: dict[str, Any] | None = None) -> None:
-    """`folder/checkpoint.pt` after `server_round`: the global model, the per-round rows so far,
+                    server_state: dict[str, Any] | None = None, keep: int = 3) -> None:
+    """`folder/checkpoint-round<N>.pt` after round N: the global model, the per-round rows so far,
     the run config and any state the server carries across rounds (`server_state`, e.g. FedFTG's
     generator and optimiser: tensors, numbers, lists and dicts of them). Written atomically: a
-    crash while writing leaves the previous checkpoint."""
+    crash while writing leaves the previous checkpoints. The `keep` newest are kept, so that a
+    run can step back past a bad round; checkpoints of later rounds (left by a run that was
+    resumed from an earlier one) are removed."""
     payload = {"round": server_round, "model": {k: v.detach().cpu() for k, v in state_dict.items()},
                "rounds": json.dumps(rounds), "config": json.dumps(config),
                "server_state": server_state or {}}
-    write_atomic(Path(folder) / CHECKPOINT, lambda f: torch.save(payload, f))
+    path = Path(folder) / CHECKPOINT.format(server_round)
+    write_atomic(path, lambda f: torch.save(payload, f))
+    others = checkpoint_files(folder)
+    earlier = [p for p in others if _round_of(p) < server_round]
+    later = [p for p in others if _round_of(p) > server_round]
+    for stale in later + earlier[:max(0, len(earlier) - (keep - 1))]:
+        stale.unlink(missing_ok=True)
+
+
+def _round_of(path: Path) -> int:
+    return int(_CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint in results folder (or file) `path`, checked against the resuming run's
-    `config`: {"folder", "round", "model", "rounds", "config", "server_state"}. A key the
-    checkpoint lacks (added to pmafl after it was written) counts as its default."""
+    """The checkpoint at `path` (a checkpoint file, or a results folder: its newest checkpoint),
+    checked against the resuming run's `config`: {"folder", "round", "model", "rounds", "config",
+    "server_state"}. A key the checkpoint lacks (added to pmafl after it was written) counts as
+    its default."""
     path = Path(path).expanduser()
-    file = path / CHECKPOINT if path.is_dir() else path
+    if path.is_dir():
+        found = checkpoint_files(path) or [path / "checkpoint.pt"]  # (pmafl before 7 Dec 2026)
+        file = found[-1]
+    else:
+        file = path
     if not file.is_file():
         raise CheckpointError(f"run config key 'resume-from': no checkpoint at {file}")
     try:
@@ -71,7 +104,8 @@ def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
         payload.setdefault("server_state", {})
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same answer
         raise CheckpointError(f"run config key 'resume-from': {file} is not a readable checkpoint "
-                              f"({type(e).__name__}: {e})") from e
+                              f"({type(e).__name__}: {e}); an older one of the same folder can be "
+                              "named instead") from e
     # A key the checkpoint predates was its default then: older checkpoints still resume.
     defaults = documented_defaults()
     for key in sorted(set(saved) | set(config)):
@@ -140,6 +174,8 @@ def summary(folder: Path) -> str:
                      f"{kilobytes(r, 'bytes_received', 7)}"
                      + (f"  {number(r, 'asr', 12)}" if "asr" in r else ""))
     lines += [f"WARNING round {r['round']}: {r['warning']}" for r in rounds if r.get("warning")]
+    if results.get("stopped"):
+        lines.append(f"STOPPED before its last round: {results['stopped']}")
     lines.append(f"Results: {Path(folder).resolve()}")
     return "\n".join(lines)
 

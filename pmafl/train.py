@@ -29,6 +29,21 @@ COMPUTE_SECONDS = "compute-seconds"
 STARTUP_SECONDS = "startup-seconds"
 
 
+# The add-on terms the training loop adds to any distilling objective: {term: TrainConfig weight}.
+ADD_ON_TERMS = {"loss-ga": "kdiga_weight", "loss-feat": "robustkd_weight"}
+
+
+def train_metric_names(config: TrainConfig) -> frozenset[str]:
+    """The metric keys `pmafl_train` returns for `config`: "loss", the objective's terms, every
+    weighted term (the objective's own and the add-ons, `ADD_ON_TERMS`) whose weight is > 0, and
+    "num-examples". A server checks every train reply against them."""
+    objective = OBJECTIVES[config.objective]
+    config = dataclasses.replace(config, **objective.overrides)
+    weighted = {**objective.weighted_terms, **ADD_ON_TERMS}
+    return frozenset({"loss", *objective.terms, "num-examples",
+                      *(term for term, weight in weighted.items() if getattr(config, weight) > 0)})
+
+
 def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:
     """The training radius of a round under a linear warm-up: eps * min(1, round / warmup_rounds)
     (the full eps when warmup_rounds is 0)."""

@@ -22,6 +22,7 @@ from pmafl.evaluate import catastrophic_overfitting, evaluate
 from pmafl.objectives import needs_teacher
 from pmafl.results import (
     CheckpointError,
+    checkpoint_files,
     load_checkpoint,
     new_results_folder,
     save_checkpoint,
@@ -38,6 +39,7 @@ from pmafl.task import (
     resolve_device,
 )
 from strategies import PMAFL, FedFTG
+from strategies.pmafl import FederationStalled
 
 app = ServerApp()
 
@@ -84,24 +86,29 @@ class CentralEvaluator:
 
 def round_row(server_round: int, result: Any, strategy: PMAFL,
               fedftg: FedFTG | None = None) -> dict[str, Any]:
-    """One round's row: central scores, mean local loss terms (and FedFTG's server terms),
-    federated evaluation (`fed_` keys: mean and worst node) when it ran, the round's timing and
-    bytes, and the nodes left out (of the average, or of FedFTG's ensemble). Only the `..._seconds`
-    keys differ between two runs with one seed."""
+    """One round's row: mean local loss terms (and FedFTG's server terms), federated evaluation
+    (`fed_` keys: mean and worst node) when it ran, central scores, the round's timing and bytes,
+    and the nodes left out (of the average, or of FedFTG's ensemble; a discarded aggregate as
+    stage `aggregate`). The server's own columns are written last: no client metric can stand in
+    for them. Only the `..._seconds` keys differ between two runs with one seed."""
     def snake(metrics: Any, prefix: str = "") -> dict[str, Any]:  # results.json keys: a_b, not a-b
         return {prefix + key.replace("-", "_"): value for key, value in metrics.items()}
 
-    row: dict[str, Any] = {"round": server_round}
-    row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
+    row: dict[str, Any] = {}
     row.update(snake(result.train_metrics_clientapp.get(server_round, {})))
     row.update(snake(result.evaluate_metrics_clientapp.get(server_round, {}), "fed_"))
+    row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
     # Timing (`round_seconds`, the exchanges' `train_seconds` / `evaluate_seconds`, the slowest
     # node's `train_compute_seconds` / `evaluate_compute_seconds`) and `bytes_sent` / `bytes_received`.
-    row.update(snake((fedftg or strategy).round_stats.get(server_round, {}) if server_round else {}))
+    stats = dict((fedftg or strategy).round_stats.get(server_round, {}) if server_round else {})
+    discarded = stats.pop("discarded", None)
+    row.update(snake(stats))
+    row["round"] = server_round
     row["failures"] = strategy.failures.get(server_round, []) + (
-        fedftg.left_out.get(server_round, []) if fedftg else [])
+        fedftg.left_out.get(server_round, []) if fedftg else []) + (
+        [{"stage": "aggregate", "node": None, "reason": discarded}] if discarded else [])
     row["train_eps"] = strategy.round_eps(server_round) if server_round else 0.0
-    return row
+    return {"round": row.pop("round"), **row}
 
 
 @app.main()
@@ -137,8 +144,9 @@ def main(grid: Grid, context: Context) -> None:
                      eps_warmup_rounds=cfg.eps_warmup_rounds,
                      fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                      aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
-                     clip_factor=cfg.clip_factor,
+                     clip_factor=cfg.clip_factor, weight_cap=cfg.weight_cap,
                      node_wait_timeout=cfg.node_wait_timeout, max_idle_rounds=cfg.max_idle_rounds,
+                     max_missed_rounds=cfg.max_missed_rounds, skip_rounds=cfg.skip_rounds,
                      min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_train_nodes,
                      min_available_nodes=cfg.min_available_nodes)
 
@@ -166,12 +174,20 @@ def main(grid: Grid, context: Context) -> None:
         if fedftg:
             server_state["fedftg"] = fedftg.server.state_dict()
         save_checkpoint(folder, server_round, arrays.to_torch_state_dict(), rows, cfg.to_dict(),
-                        server_state)
+                        server_state, keep=cfg.keep_checkpoints)
 
-    result = (fedftg or strategy).start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg, trigger),
-                            start_round=start_round, on_round_end=on_round_end)
+    try:
+        result = (fedftg or strategy).start(
+            grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout, start_round=start_round, on_round_end=on_round_end,
+            evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg, trigger))
+    except FederationStalled as e:
+        # What the completed rounds found is kept: the rows, and the model of the last one.
+        if checkpoint_files(folder):
+            model.load_state_dict(load_checkpoint(folder, cfg.to_dict())["model"])
+        write_results(folder, cfg.to_dict(), rows, model, stopped=str(e))
+        log(WARNING, "Stopped: %s. Results of the completed rounds written to %s", e, folder.resolve())
+        raise
 
     if len(result.arrays) > 0:  # empty when no round produced a valid aggregate
         model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -19,7 +19,7 @@ from flwr.supercore import log
 from torch import nn
 
 from pmafl.fedftg import LABEL_COUNTS, FedFTGServer
-from strategies.strategy_utils import RoundLoop, array_specs, canonical_order, reply_problem
+from strategies.strategy_utils import BadReply, RoundLoop, array_specs, canonical_order, screen_reply
 
 
 def label_counts_problem(counts: Any, num_classes: int, num_examples: Any) -> str | None:
@@ -136,21 +136,29 @@ class FedFTG(RoundLoop, Strategy):
         return model.to(device)
 
     def _ensemble(self, server_round: int, replies: list[Message], counts: dict[int, Any]
-                  ) -> list[tuple[ArrayRecord, list[int]]]:
+                  ) -> list[tuple[ArrayRecord, list[float]]]:
         """(arrays as averaged, label counts) of every reply the base strategy averaged (PMAFL's
         screened replies; for a base without screening, such as FedAvg, every reply fit to
         average) whose label counts are valid, in an order fixed by content (as the base's
-        average is): reruns fine-tune bit-identically."""
+        average is): reruns fine-tune bit-identically. A member's counts are scaled to its weight
+        in the average: a node whose `num-examples` the base capped weighs no more here."""
         weighted_by_key = getattr(self.strategy, "weighted_by_key", "num-examples")
         if hasattr(self.strategy, "aggregated"):
             averaged = self.strategy.aggregated
         else:
-            averaged = [(msg, next(iter(msg.content.array_records.values()))) for msg in replies
-                        if not msg.has_error()
-                        and reply_problem(msg.content, self._sent_arrays, weighted_by_key) is None]
-        found: dict[int, tuple[ArrayRecord, list[int]]] = {}
+            averaged = []
+            for msg in replies:
+                if msg.has_error():
+                    continue
+                try:
+                    content = screen_reply(msg.content, self._sent_arrays, weighted_by_key)
+                except BadReply:
+                    continue
+                num_examples = next(iter(content.metric_records.values()))[weighted_by_key]
+                averaged.append((msg, next(iter(content.array_records.values())), float(num_examples)))
+        found: dict[int, tuple[ArrayRecord, list[float]]] = {}
         contents = []
-        for msg, arrays in averaged:
+        for msg, arrays, weight in averaged:
             num_examples = next(iter(msg.content.metric_records.values()))[weighted_by_key]
             problem = label_counts_problem(counts[id(msg)], self.num_classes, num_examples)
             if problem:
@@ -160,7 +168,8 @@ class FedFTG(RoundLoop, Strategy):
                 self.left_out.setdefault(server_round, []).append(
                     {"stage": "fedftg", "node": node, "reason": problem})
                 continue
-            found[id(msg.content)] = arrays, [int(c) for c in counts[id(msg)]]
+            scale = weight / num_examples
+            found[id(msg.content)] = arrays, [int(c) * scale for c in counts[id(msg)]]
             contents.append(msg.content)
         return [found[id(c)] for c in canonical_order(contents)]
 

@@ -1,17 +1,17 @@
-"""Helpers shared by the strategies: the round loop, and screening client replies before they
-reach an average."""
+"""Helpers shared by the strategies: the round loop, aggregation, and screening client replies
+before they reach an average."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from logging import INFO
+from collections.abc import Callable, Collection, Iterable
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
@@ -25,9 +25,10 @@ class RoundLoop:
     """Mixin giving a strategy the project's `start`: `run_rounds`, with Flower's arguments plus
     `start_round` and `on_round_end` for resuming. `set_num_rounds` tells the strategy how many
     rounds the run has before the loop starts. After `start`, `round_stats[round]` holds each
-    round's timing and bytes (see `run_rounds`)."""
+    round's timing and bytes, and the reason when the round's aggregate was discarded (see
+    `run_rounds`)."""
 
-    round_stats: dict[int, dict[str, float]]
+    round_stats: dict[int, dict[str, float | str]]
 
     def set_num_rounds(self, num_rounds: int) -> None:
         """Nothing to do by default; a strategy that needs the count (e.g. PMAFL's last-round
@@ -60,7 +61,14 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
     replies after `first_wait` seconds, doubling the wait up to `max_wait`, until every message has
     its reply or `timeout` seconds have passed (None: no limit). Flower's deployment Grid waits a
     fixed 3 s between pulls, so a round's replies would sit up to 3 s on the SuperLink; a pull is
-    one cheap request, so polling every 0.2 s at most costs nothing."""
+    one cheap request, so polling every 0.2 s at most costs nothing.
+
+    The messages expire with the exchange (their TTL is `timeout`, instead of Flower's 12 hours):
+    a node that was slow or away does not run a round the server has given up on."""
+    messages = list(messages)
+    if timeout is not None:
+        for msg in messages:
+            msg.metadata.ttl = timeout
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     end = time.monotonic() + timeout if timeout is not None else math.inf
@@ -97,7 +105,7 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
                evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
                start_round: int = 1,
                on_round_end: Callable[[int, ArrayRecord, Result], None] | None = None,
-               stats: dict[int, dict[str, float]] | None = None) -> Result:
+               stats: dict[int, dict[str, float | str]] | None = None) -> Result:
     """Flower's `Strategy.start` round loop (same arguments, same `Result`) for any strategy,
     plus two for resuming: `start_round` runs rounds start_round..num_rounds from
     `initial_arrays` (the round-0 evaluation only when starting at 1), and
@@ -113,7 +121,11 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     the replies' `compute-seconds`), `train-startup-seconds` and `evaluate-startup-seconds` (the
     longest ClientApp start-up among the replies that carry one: `startup-seconds`, sent by a
     fresh process; 0 when none does, as in a simulation's later rounds), `train-replies` (how
-    many came back, valid or not), `bytes-sent` and `bytes-received` (`payload_bytes`)."""
+    many came back, valid or not), `bytes-sent` and `bytes-received` (`payload_bytes`).
+
+    An aggregate that is not finite, or not of the keys, shapes and dtypes of the model sent
+    (`aggregate_problem`), is discarded: the global model stays as it was, and `stats[round]`
+    gets the reason as `discarded`. A poisoned round then costs one round, not the run."""
     log(INFO, "Starting %s strategy, rounds %d to %d:", type(strategy).__name__, start_round, num_rounds)
     strategy.summary()
     train_config = train_config or ConfigRecord()
@@ -132,13 +144,19 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
         sent = payload_bytes(messages)
         t_train = time.monotonic()
         replies = exchange(grid, messages, timeout)
-        round_stats = {"train-seconds": time.monotonic() - t_train,
-                       "train-compute-seconds": _take_seconds(replies, COMPUTE_SECONDS),
-                       "train-startup-seconds": _take_seconds(replies, STARTUP_SECONDS),
-                       "train-replies": len(replies)}
+        round_stats: dict[str, float | str] = {
+            "train-seconds": time.monotonic() - t_train,
+            "train-compute-seconds": _take_seconds(replies, COMPUTE_SECONDS),
+            "train-startup-seconds": _take_seconds(replies, STARTUP_SECONDS),
+            "train-replies": len(replies)}
         received = payload_bytes(replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
+        problem = aggregate_problem(new_arrays, array_specs(arrays)) if new_arrays is not None else None
+        if problem:
+            log(WARNING, "round %d: the aggregate is discarded (%s); the global model stays as it "
+                "was", server_round, problem)
+            round_stats["discarded"] = problem
+        elif new_arrays is not None:
             arrays = result.arrays = new_arrays
         if train_metrics is not None:
             log(INFO, "\t└──> train metrics: %s", dict(train_metrics))
@@ -276,65 +294,129 @@ def error_summary(reason: str | None, limit: int = 500) -> str:
     return gist if len(gist) <= limit else gist[: limit - 3] + "..."
 
 
-def array_specs(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{key: (shape, dtype)} of the arrays sent: what every train reply must give back."""
-    return {key: (tuple(array.shape), array.dtype) for key, array in arrays.items()}
+Specs = dict[str, tuple[tuple[int, ...], str]]
+# Metrics a reply may carry besides the ones the round expects: the round loop takes them out.
+TIMING_METRICS = frozenset({COMPUTE_SECONDS, STARTUP_SECONDS})
+# A reply's `num-examples` above this is no count of images (and no longer exact as a float).
+MAX_NUM_EXAMPLES = 2**53
 
 
-def expected_metric_keys(contents: list[RecordDict]) -> set[str] | None:
-    """The metric keys most replies carry (ties: the first in sorted order): what a reply must
-    carry, whatever order the replies arrived in. None when no reply has one MetricRecord."""
-    sets = Counter(frozenset(next(iter(c.metric_records.values())).keys())
-                   for c in contents if len(c.metric_records) == 1)
-    if not sets:
-        return None
-    return set(min(sets, key=lambda keys: (-sets[keys], sorted(keys))))
+class BadReply(ValueError):
+    """Why a reply cannot be averaged."""
 
 
-def reply_problem(content: RecordDict, expected_arrays: dict[str, tuple[tuple[int, ...], str]] | None,
-                  weighted_by_key: str, metric_keys: set[str] | None = None) -> str | None:
-    """Why a reply cannot be averaged, or None when it can.
-
-    A train reply (expected_arrays given) must hold exactly one ArrayRecord with the keys, shapes
-    and dtypes of the arrays that were sent, all finite. Every reply must hold exactly one
-    MetricRecord with a positive integer `weighted_by_key`, finite values, and (when given) the
-    keys `metric_keys`.
-    """
-    if expected_arrays is not None:
-        if len(content.array_records) != 1:
-            return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
-        problem = array_problem(next(iter(content.array_records.values())), expected_arrays)
-        if problem:
-            return problem
-    if len(content.metric_records) != 1:
-        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(weighted_by_key)
-    if (isinstance(weight, list) or weight is None or not math.isfinite(weight) or weight <= 0
-            or weight != int(weight)):
-        return f"metric '{weighted_by_key}' must be a positive integer, got {weight!r}"
-    if metric_keys is not None and set(metrics.keys()) != metric_keys:
-        return f"metric keys {sorted(metrics.keys())} differ from the round's {sorted(metric_keys)}"
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(math.isfinite(v) for v in values):
-            return f"metric '{key}' is not finite ({value!r})"
-    return None
+def array_specs(arrays: ArrayRecord) -> Specs:
+    """{key: (shape, dtype)} of the arrays sent, as parsed from their bytes: what every train
+    reply must give back."""
+    specs = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        specs[key] = (values.shape, str(values.dtype))
+    return specs
 
 
-def array_problem(arrays: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """Missing or extra keys, a shape or dtype other than the one sent, NaN or Inf values."""
+def parse_arrays(arrays: ArrayRecord, expected: Specs) -> ArrayRecord:
+    """The arrays as their bytes say, checked against what was sent: the same keys, each a NumPy
+    serialisation (not pickled, not another `stype`) of at most the bytes the sent array takes
+    (plus a header), that parses to the shape and dtype sent, with no NaN or Inf. The declared
+    metadata of an `Array` is never trusted: the result is built from the parsed values, so what
+    is averaged is exactly what was checked. Raises `BadReply`."""
     missing = sorted(set(expected) - set(arrays.keys()))
     extra = sorted(set(arrays.keys()) - set(expected))
     if missing or extra:
-        return f"array keys differ from the global model's: missing {missing}, unexpected {extra}"
+        raise BadReply(f"array keys differ from the global model's: missing {missing}, unexpected {extra}")
+    parsed = {}
     for key, array in arrays.items():
         shape, dtype = expected[key]
-        if tuple(array.shape) != shape:
-            return f"array '{key}' has shape {tuple(array.shape)}, expected {shape}"
-        if array.dtype != dtype:
-            return f"array '{key}' has dtype {array.dtype}, expected {dtype} (as sent)"
-        values = array.numpy()
+        if array.stype != SType.NUMPY:
+            raise BadReply(f"array '{key}' is serialised as {array.stype!r}, expected {SType.NUMPY!r}")
+        limit = math.prod(shape) * np.dtype(dtype).itemsize + 4096  # npy headers are < 4 kB
+        if len(array.data) > limit:
+            raise BadReply(f"array '{key}' carries {len(array.data)} bytes, more than the {limit} "
+                           f"an array of shape {shape} and dtype {dtype} takes")
+        try:
+            values = array.numpy()
+        except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not an array
+            raise BadReply(f"array '{key}' does not parse as a NumPy array ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+        if values.shape != shape:
+            raise BadReply(f"array '{key}' has shape {values.shape}, expected {shape}")
+        if str(values.dtype) != dtype:
+            raise BadReply(f"array '{key}' has dtype {values.dtype}, expected {dtype} (as sent)")
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"array '{key}' holds NaN or Inf values"
+            raise BadReply(f"array '{key}' holds NaN or Inf values")
+        parsed[key] = Array(values)
+    return ArrayRecord(parsed)
+
+
+def aggregate_problem(arrays: ArrayRecord, expected: Specs) -> str | None:
+    """Why an aggregate cannot become the global model (`parse_arrays`' checks), or None."""
+    try:
+        parse_arrays(arrays, expected)
+    except BadReply as e:
+        return str(e)
     return None
+
+
+def check_metrics(metrics: MetricRecord, expected: Collection[str] | None, weighted_by_key: str) -> None:
+    """A reply's metrics: exactly the keys `expected` (None: any keys, and `weighted_by_key`),
+    besides the timing the round loop takes out (`TIMING_METRICS`); every value a finite number
+    (accuracies, `..._acc`, within [0, 1]); `weighted_by_key` an integer in [1, 2**53]. Raises
+    `BadReply`."""
+    keys = set(metrics.keys()) - TIMING_METRICS
+    wanted = set(expected) if expected is not None else keys | {weighted_by_key}
+    if keys != wanted:
+        raise BadReply(f"metric keys {sorted(keys)} differ from the {sorted(wanted)} this round expects")
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadReply(f"metric '{key}' must be a number, got {type(value).__name__} "
+                           f"{repr(value)[:100]}")
+        if not math.isfinite(value):
+            raise BadReply(f"metric '{key}' is not finite ({value!r})")
+        if key.endswith("_acc") and not 0 <= value <= 1:
+            raise BadReply(f"metric '{key}' is an accuracy outside [0, 1] ({value!r})")
+    weight = metrics[weighted_by_key]
+    if not isinstance(weight, int) or not 0 < weight <= MAX_NUM_EXAMPLES:
+        raise BadReply(f"metric '{weighted_by_key}' must be an integer in [1, 2**53], got {weight!r}")
+
+
+def screen_reply(content: RecordDict, expected_arrays: Specs | None, weighted_by_key: str,
+                 metric_keys: Collection[str] | None = None) -> RecordDict:
+    """The reply's content fit to average, or `BadReply`: exactly one MetricRecord
+    (`check_metrics`) and, for a train reply (`expected_arrays` given), exactly one ArrayRecord
+    (`parse_arrays`), returned as parsed."""
+    if len(content.metric_records) != 1:
+        raise BadReply(f"expected exactly one MetricRecord, got {len(content.metric_records)}")
+    (metrics_key, metrics), = content.metric_records.items()
+    check_metrics(metrics, metric_keys, weighted_by_key)
+    if expected_arrays is None:
+        return RecordDict({metrics_key: metrics})
+    if len(content.array_records) != 1:
+        raise BadReply(f"expected exactly one ArrayRecord, got {len(content.array_records)}")
+    (arrays_key, arrays), = content.array_records.items()
+    return RecordDict({arrays_key: parse_arrays(arrays, expected_arrays), metrics_key: metrics})
+
+
+def capped_weights(claims: list[int], cap: float) -> list[float]:
+    """Each reply's weight in the mean: its `num-examples` claim, at most `cap` times the round's
+    median claim (0: uncapped). A node cannot buy the average by claiming more data than it has:
+    at cap 1, none weighs more than the median node, and larger honest partitions weigh as much
+    as the median one."""
+    if cap <= 0:
+        return [float(c) for c in claims]
+    bound = cap * float(np.median(claims))
+    return [float(min(c, bound)) for c in claims]
+
+
+def weighted_metrics(contents: list[RecordDict], weights: list[float], weighted_by_key: str
+                     ) -> MetricRecord:
+    """sum_k w_k * metrics_k / sum_k w_k, key by key (`weighted_by_key` left out): Flower's
+    `aggregate_metricrecords` with the weights given (the capped ones), not the replies' claims."""
+    total = float(sum(weights))
+    mean = MetricRecord()
+    for content, weight in zip(contents, weights, strict=True):
+        factor = weight / total
+        for key, value in next(iter(content.metric_records.values())).items():
+            if key != weighted_by_key:
+                mean[key] = mean[key] + value * factor if key in mean else value * factor
+    return mean

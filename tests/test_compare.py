@@ -88,7 +88,7 @@ def test_a_grid_folder_under_version_control_keeps_only_what_the_report_needs(tm
     write_final(out, cell, 0.9, 0.5, 0.3)
     run = out / "runs" / cell.name / "results" / "run"
     run.mkdir(parents=True)
-    for name in ("model.pt", "checkpoint.pt", "results.json", "accuracy.png"):
+    for name in ("model.pt", "checkpoint-round0001.pt", "results.json", "accuracy.png"):
         (run / name).write_text("x")
     compare.report(out, [cell])
     listed = subprocess.run(["git", "-C", str(tmp_path), "ls-files", "--others", "--exclude-standard"],

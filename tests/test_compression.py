@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from pmafl.compression import decode_update, encode_update
 from pmafl.config import ConfigError, RunConfig, TrainConfig
+from pmafl.train import train_metric_names
 from strategies import PMAFL
 from strategies.strategy_utils import payload_bytes
 
@@ -133,8 +134,9 @@ class _Grid:
 
 def _encoded_reply(instruction, local, sent, method, num_examples):
     encoded, _ = encode_update(local, sent, method, 0.5)
+    losses = {key: 1.0 for key in train_metric_names(TrainConfig()) if key != "num-examples"}
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=encoded),
-                          "metrics": MetricRecord({"num-examples": num_examples})})
+                          "metrics": MetricRecord({"num-examples": num_examples, **losses})})
     return Message(content, reply_to=instruction)
 
 
@@ -156,7 +158,7 @@ def test_the_strategy_averages_the_decoded_models_and_leaves_out_a_bad_one():
     # 128-byte .npy header of each of the three arrays.
     assert received == 2 * (4 + 4 + 8 + 3 * 128)
     arrays, _ = strategy.aggregate_train(1, [*replies, bad])
-    manual = (10 * locals_[11] + 30 * locals_[12]) / 40
+    manual = (10 * locals_[11] + 20 * locals_[12]) / 30  # 30 examples weigh the median claim, 20
     assert np.allclose(arrays["w"].numpy(), manual.numpy(), atol=1e-5)
     assert arrays["n"].numpy() == 5 and arrays["w"].dtype == "float32"
     (failure,) = strategy.failures[1]

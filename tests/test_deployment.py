@@ -20,6 +20,7 @@ from test_simulation import BIN, ROOT, kill_serverapp
 from pmafl.config import RunConfig
 from pmafl.data import load_dataset
 from pmafl.models import create_model
+from pmafl.results import checkpoint_files
 from pmafl.task import teacher_settings
 from pmafl.teacher import save_teacher, teacher_record
 
@@ -199,13 +200,13 @@ def test_a_killed_serverapp_resumes_under_tls_and_keeps_every_completed_round(de
                   f"round-timeout=60 teacher-sha256='{sha256}' results-dir='{results_dir}'")
     first = procs.start("flwr-run", [str(BIN / "flwr"), "run", str(app), "dep", "--stream",
                                      "--run-config", run_config])
-    wait_for(lambda: list(results_dir.glob("*/checkpoint.pt")), 300, "round 1's checkpoint")
+    wait_for(lambda: list(results_dir.glob("*/checkpoint-round*.pt")), 300, "round 1's checkpoint")
     assert kill_serverapp(procs.env, "flwr-serverapp"), "no ServerApp process found to kill"
     procs.kill("flwr-run")
     assert first.returncode is not None
-    [folder] = [p.parent for p in results_dir.glob("*/checkpoint.pt")]
+    [folder] = {p.parent for p in results_dir.glob("*/checkpoint-round*.pt")}
     assert not (folder / "results.json").exists()
-    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(checkpoint_files(folder)[-1], weights_only=True)
     done = json.loads(checkpoint["rounds"])
     assert checkpoint["round"] < 3 and [r["round"] for r in done] == list(range(checkpoint["round"] + 1))
     resumed = procs.start("flwr-run-resumed", [

@@ -8,13 +8,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from pmafl.config import TrainConfig
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import create_model
+from pmafl.train import train_metric_names
 from strategies import PMAFL, FedFTG
 from strategies.fedftg import label_counts_problem
 from strategies.strategy_utils import weighted_mean
 
 NODES = (11, 12, 13)
+TERMS = {key: 0.0 for key in train_metric_names(TrainConfig()) if key != "num-examples"}
 CFG = FedFTGConfig(iterations=2, global_steps=2, batch_size=8, noise_dim=8)
 
 
@@ -42,7 +45,8 @@ def replies_to(strategy, counts, num_examples=(10, 20, 30)):
     assert all(m.content["config"]["label-counts"] is True for m in sent.values())
     replies = []
     for i, node in enumerate(NODES):
-        metrics = {"num-examples": num_examples[i], "loss": float(i)}
+        # The loss terms a default PMAFL expects, `loss` differing between nodes.
+        metrics = {"num-examples": num_examples[i], **TERMS, "loss": float(i)}
         if counts[i] is not None:
             metrics["label-counts"] = counts[i]
         content = RecordDict({"arrays": ArrayRecord(state(node)), "metrics": MetricRecord(metrics)})
@@ -58,7 +62,8 @@ def plain_mean():
 
 
 @pytest.mark.parametrize("base", [
-    lambda: PMAFL(min_available_nodes=3, min_train_nodes=2),
+    # Uncapped weights, as FedAvg's: the test's manual mean is the plain weighted one.
+    lambda: PMAFL(min_available_nodes=3, min_train_nodes=2, weight_cap=0),
     lambda: FedAvg(min_available_nodes=3, min_train_nodes=2),
 ], ids=["PMAFL", "FedAvg"])
 def test_wrapper_finetunes_the_base_aggregate(base):
@@ -82,7 +87,7 @@ def test_wrapper_finetunes_the_base_aggregate(base):
 
 
 def test_bad_label_counts_leave_the_ensemble_not_the_average(caplog):
-    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2))
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2, weight_cap=0))
     counts = (None, [10, 10], [10, 10, 10])
     arrays, metrics = strategy.aggregate_train(1, replies_to(strategy, counts, (10, 20, 29)))
     reasons = {f["node"]: f["reason"] for f in strategy.left_out[1]}
@@ -153,7 +158,7 @@ def test_robust_aggregation_composes_median():
 def test_a_clipped_update_teaches_clipped():
     """With clip_factor, a boosted update (x100) is clipped in the average and, the same, in the
     ensemble: the model that teaches is the global model plus the clipped delta."""
-    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2, clip_factor=2.0))
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2, clip_factor=2.0, weight_cap=0))
     seen = recording(strategy)
     replies = replies_to(strategy, GOOD)
     sent, boosted = state(0), state(13)
@@ -181,3 +186,20 @@ def test_a_clipped_update_teaches_clipped():
                             ArrayRecord({k: (clipped[k].float() if k in clipped else v)
                                          for k, v in boosted_state.items()})], [10, 20, 30])
     assert all(np.allclose(seen["global"][k].numpy(), manual[k].numpy(), atol=1e-6) for k in floats)
+
+
+def test_a_capped_claim_weighs_no_more_in_the_ensemble_than_in_the_average():
+    """Node 13 claims 10**12 examples, with label counts to match: PMAFL caps its weight at the
+    median claim (20), and FedFTG scales its counts to that weight."""
+    strategy = wrap(PMAFL(min_available_nodes=3, min_train_nodes=2))
+    counts = {}
+    finetune = strategy.server.finetune
+
+    def record(global_model, clients, class_counts, server_round):
+        counts["seen"] = class_counts.clone()
+        return finetune(global_model, clients, class_counts, server_round)
+
+    strategy.server.finetune = record
+    huge = (GOOD[0], GOOD[1], [10**12, 0, 0])
+    strategy.aggregate_train(1, replies_to(strategy, huge, (10, 20, 10**12)))
+    assert sorted(counts["seen"].tolist()) == [[0, 10, 10], [5, 5, 0], [20, 0, 0]]

@@ -9,7 +9,13 @@ from inprocess import InProcessGrid
 
 from client_app.app import evaluate, train
 from pmafl.config import RunConfig
-from pmafl.results import CheckpointError, load_checkpoint, save_checkpoint, without_timing
+from pmafl.results import (
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    save_checkpoint,
+    without_timing,
+)
 from pmafl.task import build_model, load_data, prepare_teacher
 from server_app.app import main
 
@@ -174,10 +180,45 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     monkeypatch.undo()
     checkpoint = load_checkpoint(tmp_path, config)
     assert checkpoint["round"] == 1 and torch.equal(checkpoint["model"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
-    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-round0001.pt"]
+    (tmp_path / "checkpoint-round0001.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path, config)
+
+
+def test_the_last_checkpoints_are_kept_and_a_run_can_step_back_to_one(tmp_path):
+    config = {**RunConfig().to_dict(), "num-server-rounds": 10}
+    for server_round in range(1, 6):
+        save_checkpoint(tmp_path, server_round, {"w": torch.full((3,), float(server_round))},
+                        [{"round": r} for r in range(server_round + 1)], config, keep=3)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint-round0003.pt", "checkpoint-round0004.pt", "checkpoint-round0005.pt"]
+    assert load_checkpoint(tmp_path, config)["round"] == 5  # a folder: its newest
+    older = load_checkpoint(tmp_path / "checkpoint-round0003.pt", config)
+    assert older["round"] == 3 and torch.equal(older["model"]["w"], torch.full((3,), 3.0))
+    # Resumed from round 3, the run's round 4 replaces the old branch's later checkpoints.
+    save_checkpoint(tmp_path, 4, {"w": torch.zeros(3)}, [], config, keep=3)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint-round0003.pt", "checkpoint-round0004.pt"]
+    assert torch.equal(load_checkpoint(tmp_path, config)["model"]["w"], torch.zeros(3))
+
+
+def test_results_and_model_are_written_atomically(tmp_path, monkeypatch):
+    from pmafl.results import write_results
+
+    model = torch.nn.Linear(2, 2)
+    write_results(tmp_path, RunConfig().to_dict(), [{"round": 0, "clean_acc": 0.5, "pgd_acc": 0.1,
+                                                     "failures": []}], model)
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "model.pt")}
+
+    def dies_half_way(obj, f):
+        f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(tmp_path, RunConfig().to_dict(), [], model)
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
 
 
 def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
@@ -213,7 +254,7 @@ def test_a_checkpoint_that_pickles_code_is_refused(tmp_path):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
     torch.save({"round": 1, "model": {}, "rounds": "[]", "config": "{}", "x": Payload()},
-               tmp_path / "checkpoint.pt")
+               tmp_path / "checkpoint-round0001.pt")
     with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path, RunConfig().to_dict())
     assert not (tmp_path / "ran").exists()
@@ -228,3 +269,53 @@ def test_a_checkpoint_older_than_a_key_resumes_at_that_keys_default(tmp_path):
     assert load_checkpoint(tmp_path, config)["round"] == 1
     with pytest.raises(CheckpointError, match="'robustkd-weight' is 1.0 but the checkpoint"):
         load_checkpoint(tmp_path, RunConfig.from_mapping({"robustkd-weight": 1.0}).to_dict())
+
+
+def test_client_metrics_cannot_overwrite_the_servers_columns():
+    from flwr.app import MetricRecord
+    from flwr.serverapp.strategy import Result
+
+    from server_app.app import round_row
+    from strategies import PMAFL
+
+    result = Result()
+    result.evaluate_metrics_serverapp[1] = MetricRecord({"clean_acc": 0.5, "pgd_acc": 0.25})
+    result.train_metrics_clientapp[1] = MetricRecord({"loss": 1.0, "clean-acc": 1.0, "pgd_acc": 1.0,
+                                                      "round": 99.0, "train-eps": 9.0})
+    strategy = PMAFL()
+    strategy.round_stats = {1: {"round-seconds": 2.0, "discarded": "array 'w' holds NaN or Inf values"}}
+    row = round_row(1, result, strategy)
+    assert row["clean_acc"] == 0.5 and row["pgd_acc"] == 0.25 and row["loss"] == 1.0
+    assert row["round"] == 1 and row["train_eps"] == strategy.round_eps(1)
+    assert row["failures"] == [{"stage": "aggregate", "node": None,
+                                "reason": "array 'w' holds NaN or Inf values"}]
+    assert list(row)[0] == "round" and "discarded" not in row
+
+
+def test_a_stalled_run_writes_the_results_of_its_completed_rounds(tmp_path):
+    """Round 2's replies are all unusable (max-idle-rounds 1): the run stops, with results.json
+    holding round 0 and 1 and the reason, and model.pt round 1's model."""
+    from flwr.app import Error, Message
+
+    from strategies.pmafl import FederationStalled
+
+    def failing_from_round_2(msg, context):
+        if msg.content["config"]["server-round"] >= 2:
+            return Message(Error(code=2, reason="node broken"), reply_to=msg)
+        return train(msg, context)
+
+    run_config = {"num-server-rounds": 3, "federated-eval-every": 0, "local-epochs": 1, "pgd-steps": 2,
+                  "eval-steps": 3, "teacher-epochs": 1, "teacher-objective": "ce", "max-idle-rounds": 1,
+                  "results-dir": str(tmp_path / "results"), "teacher-cache-dir": str(tmp_path / "teachers")}
+    nodes = {100 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}
+    grid = InProcessGrid({"train": failing_from_round_2, "evaluate": evaluate}, nodes, run_config)
+    with pytest.raises(FederationStalled):
+        main(grid, grid.contexts[100])
+    [folder] = (tmp_path / "results").iterdir()
+    results = json.loads((folder / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert "1 rounds in a row with fewer than min-train-nodes" in results["stopped"]
+    config = RunConfig.from_mapping(run_config).to_dict()
+    round_1 = load_checkpoint(folder / "checkpoint-round0001.pt", config)
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in round_1["model"].items())

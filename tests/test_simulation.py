@@ -13,7 +13,7 @@ import pytest
 import torch
 from loopback import free_ports, wait_for_port
 
-from pmafl.results import without_timing
+from pmafl.results import checkpoint_files, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -92,16 +92,16 @@ def test_flwr_run_simulation_writes_results_and_repeats_them(superlink, app, tmp
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list(killed_dir.glob("*/checkpoint.pt")):
+        while time.time() < deadline and not list(killed_dir.glob("*/checkpoint-round*.pt")):
             time.sleep(0.2)
         killed = kill_serverapp(superlink)
     finally:
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
     assert killed, "no ServerApp process found to kill"
-    [folder] = [p.parent for p in killed_dir.glob("*/checkpoint.pt")]
+    [folder] = {p.parent for p in killed_dir.glob("*/checkpoint-round*.pt")}
     assert not (folder / "results.json").exists()
-    resumed_round = torch.load(folder / "checkpoint.pt", weights_only=True)["round"]
+    resumed_round = torch.load(checkpoint_files(folder)[-1], weights_only=True)["round"]
     assert resumed_round < 3
     _, resumed = flwr_run(superlink, app, killed_dir, tmp_path / "teachers",
                           extra=f"resume-from='{folder}'")

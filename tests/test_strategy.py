@@ -1,4 +1,5 @@
-"""PMAFL strategy: broadcast config, weighted mean against a manual one, and bad replies left out."""
+"""PMAFL strategy: broadcast config, weighted mean against a manual one, bad replies left out, and
+no single node able to crash or steer the round."""
 
 import numpy as np
 import pytest
@@ -13,8 +14,12 @@ from flwr.app import (
 )
 
 from pmafl.config import TrainConfig
+from pmafl.train import train_metric_names
 from strategies import PMAFL
 from strategies.strategy_utils import error_summary, exchange
+
+# What a default train reply carries besides num-examples (pmafl_train's loss terms).
+LOSSES = sorted(train_metric_names(TrainConfig()) - {"num-examples"})
 
 
 class FakeGrid:
@@ -39,8 +44,10 @@ def configured(strategy, nodes=(11, 12, 13)):
 
 
 def reply(instruction, arrays, num_examples, **metrics):
+    """A train reply: `arrays`, and every loss term the server expects (1.0 unless given)."""
+    losses = {key: 1.0 for key in LOSSES}
     content = RecordDict({"arrays": _arrays(arrays),
-                          "metrics": MetricRecord({"num-examples": num_examples, **metrics})})
+                          "metrics": MetricRecord({**losses, "num-examples": num_examples, **metrics})})
     return Message(content, reply_to=instruction)
 
 
@@ -53,18 +60,20 @@ def test_configure_train_broadcasts_the_train_config_and_round():
     assert TrainConfig.from_mapping(dict(config)) == TrainConfig(alpha=0.25)
 
 
-def test_aggregate_is_the_example_weighted_mean():
-    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+@pytest.mark.parametrize("weight_cap, weights", [(0.0, (10, 30, 60)), (1.0, (10, 30, 30))])
+def test_aggregate_is_the_example_weighted_mean(weight_cap, weights):
+    """Weighted by `num-examples` (10, 30, 60); by default no weight above the median claim, 30."""
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, weight_cap=weight_cap)
     sent = configured(strategy)
     w = {11: np.full((2, 3), 1.0), 12: np.full((2, 3), 4.0), 13: np.arange(6.0).reshape(2, 3)}
     n = {11: 10, 12: 30, 13: 60}
     replies = [reply(sent[i], {"w": w[i].astype(np.float32), "b": np.full(3, float(i), np.float32)},
                      n[i], loss=float(i)) for i in sent]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    manual_w = (10 * w[11] + 30 * w[12] + 60 * w[13]) / 100
-    assert np.allclose(arrays["w"].numpy(), manual_w)
-    assert np.allclose(arrays["b"].numpy(), (10 * 11 + 30 * 12 + 60 * 13) / 100)
-    assert metrics["loss"] == pytest.approx((10 * 11 + 30 * 12 + 60 * 13) / 100)
+    a, b, c = weights
+    assert np.allclose(arrays["w"].numpy(), (a * w[11] + b * w[12] + c * w[13]) / (a + b + c))
+    assert np.allclose(arrays["b"].numpy(), (a * 11 + b * 12 + c * 13) / (a + b + c))
+    assert metrics["loss"] == pytest.approx((a * 11 + b * 12 + c * 13) / (a + b + c))
     assert strategy.failures == {}
 
 
@@ -72,7 +81,7 @@ def test_aggregate_does_not_depend_on_reply_order():
     """Bit for bit: a float64 sum cast to float32 still flips a last bit now and then with the
     order of its terms, so replies are summed in an order fixed by their content."""
     nodes = tuple(range(11, 19))
-    strategy = PMAFL(min_available_nodes=8, min_train_nodes=8)
+    strategy = PMAFL(min_available_nodes=8, min_train_nodes=8, clip_factor=0)
     rng = np.random.default_rng(0)
     shapes = {"w": (200, 100), "b": (100,)}
     sent = configured(strategy, nodes)
@@ -92,7 +101,8 @@ def test_aggregate_does_not_depend_on_reply_order():
 
 
 def evaluate_reply(instruction, num_examples, **metrics):
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **metrics})}),
+    scores = {"clean_acc": 0.5, "clean_loss": 1.0, "fgsm_acc": 0.5, "pgd_acc": 0.5, **metrics}
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": num_examples, **scores})}),
                    reply_to=instruction)
 
 
@@ -110,11 +120,12 @@ def test_federated_evaluation_reports_the_weighted_mean_and_the_worst_node():
                for n, (k, c, p) in scores.items()]
     replies.append(Message(Error(code=2, reason="boom"), reply_to=sent[13]))
     metrics = strategy.aggregate_evaluate(4, replies[:2] + replies[3:])  # node 13 fails
-    assert metrics["clean_acc"] == pytest.approx((40 * 0.9 + 100 * 0.8) / 140)
+    # Weights: the examples, at most the median count (70 of 40 and 100; then 60 of 40, 100, 60).
+    assert metrics["clean_acc"] == pytest.approx((40 * 0.9 + 70 * 0.8) / 110)
     assert metrics["worst-pgd_acc"] == 0.2 and metrics["worst-clean_acc"] == 0.8
     assert metrics["num-clients"] == 2 and [f["node"] for f in strategy.failures[4]] == [13]
     metrics = strategy.aggregate_evaluate(4, replies[:3])
-    assert metrics["pgd_acc"] == pytest.approx((40 * 0.5 + 100 * 0.2 + 60 * 0.6) / 200)
+    assert metrics["pgd_acc"] == pytest.approx((40 * 0.5 + 60 * 0.2 + 60 * 0.6) / 160)
     assert metrics["worst-pgd_acc"] == 0.2 and "worst-clean_loss" not in metrics
 
 
@@ -126,7 +137,8 @@ def test_integer_arrays_stay_integers():
     replies = [reply(sent[11], {**global_shapes, "steps": np.array(10, np.int64)}, 1),
                reply(sent[12], {**global_shapes, "steps": np.array(20, np.int64)}, 3)]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays["steps"].numpy().dtype == np.int64 and arrays["steps"].numpy() == 18  # 17.5 -> 18
+    # Weights 1 and min(3, median 2): (10 + 2 * 20) / 3 = 16.67 -> 17
+    assert arrays["steps"].numpy().dtype == np.int64 and arrays["steps"].numpy() == 17
 
 
 def bad_replies():
@@ -138,7 +150,7 @@ def bad_replies():
         "nan": (nan, 10, "NaN or Inf"),
         "shape": (wrong_shape, 10, "has shape (3, 2), expected (2, 3)"),
         "missing": (missing, 10, "missing ['b']"),
-        "zero-examples": (good, 0, "'num-examples' must be a positive integer"),
+        "zero-examples": (good, 0, "'num-examples' must be an integer in [1, 2**53], got 0"),
     }
 
 
@@ -219,8 +231,8 @@ def test_num_examples_must_be_an_integer_no_larger_than_the_first_claim():
                reply(sent[13], other, 10.5, loss=1.0)]
     arrays, _ = strategy.aggregate_train(2, replies)
     found = reasons(strategy, 2)
-    assert "'num-examples' is 1e+308, more than the 10 this node claimed in round 1" in found[12]
-    assert "positive integer, got 10.5" in found[13]
+    assert "'num-examples' must be an integer in [1, 2**53], got 1e+308" in found[12]
+    assert "must be an integer in [1, 2**53], got 10.5" in found[13]
     assert np.allclose(arrays["w"].numpy(), 2.0)
     # A claim above the first round's, finite and integral, is refused too.
     sent = {m.metadata.dst_node_id: m for m in
@@ -242,17 +254,42 @@ def test_a_node_that_replies_twice_is_left_out_whatever_the_order():
         assert "replied 2 times this round" in reasons(strategy)[13]
 
 
-def test_the_expected_metric_keys_are_the_majoritys_not_the_first_replys():
+def test_the_server_not_the_replies_decides_the_metric_keys():
+    """Two of three replies agree on an extra key: they cannot get the honest one left out."""
     for first in (11, 13):
-        strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=1)
         sent = configured(strategy)
-        odd = reply(sent[13], GOOD, 10, loss=1.0, extra=5.0)
-        replies = [reply(sent[11], GOOD, 10, loss=1.0), reply(sent[12], GOOD, 10, loss=1.0)]
-        replies = [odd, *replies] if first == 13 else [*replies, odd]
+        odd = [reply(sent[n], GOOD, 10, extra=5.0) for n in (12, 13)]
+        honest = reply(sent[11], GOOD, 10)
+        replies = [honest, *odd] if first == 11 else [*odd, honest]
         _, metrics = strategy.aggregate_train(1, replies)
-        assert "extra" not in metrics
-        expected = "metric keys ['extra', 'loss', 'num-examples'] differ from the round's"
-        assert expected in reasons(strategy)[13]
+        assert "extra" not in metrics and set(reasons(strategy)) == {12, 13}
+        assert f"metric keys {sorted([*LOSSES, 'extra', 'num-examples'])} differ from the " \
+               f"{sorted([*LOSSES, 'num-examples'])} this round expects" in reasons(strategy)[13]
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ({"loss": [1.0, 2.0]}, "metric 'loss' must be a number, got list"),
+    ({"loss": float("inf")}, "metric 'loss' is not finite"),
+    ({"num-examples": 10.0}, "'num-examples' must be an integer in [1, 2**53], got 10.0"),
+    ({"num-examples": 2**60}, "'num-examples' must be an integer in [1, 2**53]"),
+])
+def test_metric_values_must_be_finite_scalars_of_the_expected_type(metrics, problem):
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+    sent = configured(strategy)
+    replies = [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), reply(sent[13], GOOD, 10, **metrics)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert problem in reasons(strategy)[13] and np.allclose(arrays["w"].numpy(), 2.0)
+
+
+def test_an_evaluation_reply_cannot_claim_an_accuracy_outside_0_1():
+    strategy = PMAFL(min_available_nodes=2, min_evaluate_nodes=2)
+    sent = {m.metadata.dst_node_id: m for m in
+            strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))}
+    metrics = strategy.aggregate_evaluate(1, [evaluate_reply(sent[11], 10, pgd_acc=0.25),
+                                              evaluate_reply(sent[12], 10, pgd_acc=-1e9)])
+    assert "accuracy outside [0, 1]" in reasons(strategy)[12]
+    assert metrics["pgd_acc"] == 0.25 and metrics["num-clients"] == 1
 
 
 def test_a_reply_from_a_node_not_sampled_is_left_out():
@@ -292,8 +329,8 @@ def test_too_few_nodes_for_longer_than_the_wait_stops_the_run():
     from strategies.pmafl import FederationStalled
 
     strategy = PMAFL(min_available_nodes=4, min_train_nodes=2, node_wait_timeout=0.2)
-    with pytest.raises(FederationStalled, match="3 nodes connected, fewer than min-available-nodes "
-                                                "\\(4\\), for 0.2s \\(node-wait-timeout\\)"):
+    with pytest.raises(FederationStalled, match="3 nodes connected, fewer than 4 \\(min-available-nodes "
+                                                "4\\), for 0.2s \\(node-wait-timeout\\)"):
         strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))
 
 
@@ -380,3 +417,198 @@ def test_exchange_returns_what_came_in_when_the_timeout_passes():
     replies = exchange(grid, messages, timeout=0.3, first_wait=0.01, max_wait=0.05)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert grid.pulls >= 3
+
+
+# --- One hostile node of several: it can neither crash the round nor steer it. ---
+
+def _raw_array(data, dtype="float32", shape=(2, 3), stype="numpy.ndarray"):
+    """An Array whose declared metadata says what the test wants, whatever its bytes hold."""
+    return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+
+def _npy(values):
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("w, problem", [
+    (_raw_array(_npy(np.full((2, 3), 1e300))), "dtype float64, expected float32"),
+    (_raw_array(b"\x93NUMPY garbage"), "does not parse as a NumPy array"),
+    (_raw_array(_npy(np.full((2, 3), 2.0, np.float32)), stype="torch.Tensor"),
+     "serialised as 'torch.Tensor'"),
+    (_raw_array(_npy(np.full((200, 300), 2.0, np.float32))), "more than the 4120"),
+    (_raw_array(_npy(np.full((3, 2), 2.0, np.float32))), "has shape (3, 2), expected (2, 3)"),
+])
+def test_screening_reads_the_bytes_that_would_be_averaged_not_the_declared_metadata(w, problem):
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+    sent = configured(strategy)
+    hostile = reply(sent[13], GOOD, 10)
+    hostile.content["arrays"] = ArrayRecord({"w": w, "b": Array(np.full(3, 3.0, np.float32))})
+    arrays, _ = strategy.aggregate_train(1, [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), hostile])
+    assert problem in reasons(strategy)[13]
+    assert arrays["w"].numpy().dtype == np.float32 and np.allclose(arrays["w"].numpy(), 2.0)
+
+
+def test_any_error_while_reading_a_reply_leaves_it_out_never_the_run(monkeypatch):
+    import strategies.pmafl as pmafl_strategy
+
+    screen = pmafl_strategy.screen_reply
+
+    def exploding(content, *args):
+        if content.metric_records["metrics"]["loss"] == 13.0:
+            raise RecursionError("a reply built to break the reader")
+        return screen(content, *args)
+
+    monkeypatch.setattr(pmafl_strategy, "screen_reply", exploding)
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+    sent = configured(strategy)
+    replies = [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), reply(sent[13], GOOD, 10, loss=13.0)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert "unreadable reply: RecursionError: a reply built to break the reader" in reasons(strategy)[13]
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+
+
+def _hostile_round(strategy, nodes, hostile, attack):
+    """Honest nodes send the global model plus a small update; `hostile` nodes send `attack`."""
+    rng = np.random.default_rng(0)
+    global_model = {"w": np.full((2, 3), 10.0, np.float32), "b": np.full(3, 10.0, np.float32)}
+    sent = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(1, _arrays(global_model), ConfigRecord(), FakeGrid(nodes))}
+    honest = {n: {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in global_model.items()}
+              for n in nodes if n not in hostile}
+    claims = {n: 100 + 10 * i for i, n in enumerate(nodes)}
+    replies = [reply(sent[n], honest[n], claims[n]) for n in honest]
+    replies += [reply(sent[n], *attack(global_model)) for n in hostile]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    honest_mean = {k: sum(claims[n] * honest[n][k].astype(np.float64) for n in honest)
+                   / sum(claims[n] for n in honest) for k in global_model}
+    distance = np.sqrt(sum(((arrays[k].numpy() - honest_mean[k]) ** 2).sum() for k in global_model))
+    return distance, np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in global_model.values()))
+
+
+def sign_flipped_with_a_huge_claim(global_model):
+    return {k: -v for k, v in global_model.items()}, 10**12
+
+
+def scaled_by_1e4(global_model):
+    return {k: v * 1e4 for k, v in global_model.items()}, 100
+
+
+@pytest.mark.parametrize("attack", [sign_flipped_with_a_huge_claim, scaled_by_1e4])
+@pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
+def test_one_hostile_node_of_ten_cannot_steer_the_default_round(attack, aggregation):
+    """Default clipping and weight cap: the aggregate stays within 0.25 of the honest mean (honest
+    updates have norm about 0.3, the model itself about 30; unbounded, the attacks move it by
+    about 60 and 3e5)."""
+    nodes = tuple(range(11, 21))
+    distance, model_norm = _hostile_round(PMAFL(min_available_nodes=10, aggregation=aggregation),
+                                          nodes, {11}, attack)
+    assert distance < 0.25, (distance, model_norm)
+
+
+def test_a_claim_far_above_the_rounds_median_is_capped():
+    """Weights 10, 20 and min(10**12, 4 x 20): the manual weighted mean with the capped weight;
+    by default (cap 1) no weight exceeds the median claim."""
+    w = {11: np.full((2, 3), 1.0, np.float32), 12: np.full((2, 3), 4.0, np.float32),
+         13: np.full((2, 3), -50.0, np.float32)}
+    claims = {11: 10, 12: 20, 13: 10**12}
+    for weight_cap, expected in ((4.0, (10 * 1.0 + 20 * 4.0 + 80 * -50.0) / 110), (0.0, -50.0)):
+        strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, clip_factor=0, weight_cap=weight_cap)
+        sent = configured(strategy)
+        replies = [reply(sent[n], {"w": w[n], "b": np.full(3, 3.0, np.float32)}, claims[n]) for n in sent]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert np.allclose(arrays["w"].numpy(), expected, atol=1e-6), weight_cap
+    # weight_cap=0 turned the cap off: the claim owned the mean. With it, the weights were:
+    strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
+    sent = configured(strategy)
+    strategy.aggregate_train(1, [reply(sent[n], GOOD, claims[n]) for n in sent])
+    assert sorted(weight for _, _, weight in strategy.aggregated) == [10, 20, 20]
+
+
+def test_evaluation_honours_the_node_wait_deadline():
+    import threading
+
+    from strategies.pmafl import FederationStalled
+
+    strategy = PMAFL(min_available_nodes=3, min_evaluate_nodes=2, node_wait_timeout=0.2)
+    raised = []
+
+    def evaluate():
+        try:
+            strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11,)))
+        except FederationStalled as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=evaluate, daemon=True)  # Flower's sampling waits for ever
+    worker.start()
+    worker.join(timeout=10)
+    assert raised and "1 nodes connected, fewer than 3" in str(raised[0])
+
+
+def test_messages_expire_with_the_round():
+    grid = SlowGrid(ready_after=[1, 1])
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
+    exchange(grid, messages, timeout=42.0)
+    assert [m.metadata.ttl for m in grid.sent] == [42.0, 42.0]  # not Flower's 12 hours
+
+
+def test_a_node_that_misses_rounds_is_skipped_for_a_while_then_tried_again():
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2, max_missed_rounds=2, skip_rounds=3)
+    sampled = {}
+    for server_round in range(1, 8):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        sampled[server_round] = sorted(sent)
+        strategy.aggregate_train(server_round, [reply(sent[n], GOOD, 10) for n in sent if n != 13])
+    # Node 13 never answers: missed rounds 1 and 2, skipped in 3 to 5, tried in 6, skipped again.
+    assert [13 in sampled[r] for r in range(1, 8)] == [True, True, False, False, False, True, False]
+    # A node that answers again is sampled again for good.
+    strategy.load_state_dict(PMAFL().state_dict())
+    assert 13 in {m.metadata.dst_node_id for m in strategy.configure_train(
+        8, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+
+
+def test_skipped_nodes_are_sampled_anyway_when_too_few_would_be_left():
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2, max_missed_rounds=1)
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))}
+    strategy.aggregate_train(1, [reply(sent[11], GOOD, 10)])
+    assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(
+        2, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))) == [11, 12]
+
+
+def test_a_non_finite_aggregate_is_discarded_and_the_previous_model_kept(monkeypatch):
+    """Whatever produced it (an aggregation, FedFTG's fine-tuning), a NaN aggregate never becomes
+    the global model: the round is recorded as discarded and the run goes on."""
+    from inprocess import InProcessGrid
+
+    import strategies.pmafl as pmafl_strategy
+
+    aggregate = pmafl_strategy.robust_aggregate
+
+    def poisoned_in_round_2(records, *args):
+        result = aggregate(records, *args)
+        calls.append(1)
+        if len(calls) != 2:
+            return result
+        return ArrayRecord({k: Array(np.full(a.numpy().shape, np.nan, np.float32))
+                            for k, a in result.items()})
+
+    calls = []
+    monkeypatch.setattr(pmafl_strategy, "robust_aggregate", poisoned_in_round_2)
+
+    def train(msg, context):
+        arrays = {k: a.numpy() + 1.0 for k, a in msg.content["arrays"].items()}
+        return reply(msg, arrays, 10)
+
+    grid = InProcessGrid({"train": train}, {11: {}, 12: {}}, {})
+    strategy = PMAFL(min_available_nodes=2, evaluate_every=0)
+    models = {}
+    result = strategy.start(grid, _arrays(GLOBAL), num_rounds=3, timeout=10,
+                            on_round_end=lambda r, arrays, _: models.update({r: arrays["w"].numpy()}))
+    assert np.allclose(models[1], 1.0) and np.allclose(models[2], 1.0) and np.allclose(models[3], 2.0)
+    assert "holds NaN or Inf values" in strategy.round_stats[2]["discarded"]
+    assert "discarded" not in strategy.round_stats[3]
+    assert np.allclose(result.arrays["w"].numpy(), 2.0)

@@ -213,3 +213,20 @@ def test_batchnorm_models_see_each_view_with_its_own_batch_statistics():
     joint = forward_views(plain, clean, adv)
     assert torch.allclose(joint[0], plain(clean), atol=1e-5)
     assert torch.allclose(joint[1], plain(adv), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("weights", [{}, {"ce_weight": 0.5, "kdiga_weight": 1.0}])
+def test_the_metric_keys_a_server_expects_are_the_ones_training_returns(objective, weights):
+    """`train_metric_names` (what PMAFL's screening requires of every train reply) against what
+    `pmafl_train` really returns, for every objective and add-on term."""
+    from pmafl.train import train_metric_names
+
+    distils = OBJECTIVES[objective].needs_teacher
+    if weights and not distils:
+        weights = {"ce_weight": 0.5}
+    x, y = tiny_problem(8)
+    cfg = TrainConfig(objective=objective, local_epochs=1, pgd_steps=1, **weights)
+    metrics = pmafl_train(model(0), model(1) if distils else None,
+                          make_loader(x, y, batch_size=8, shuffle=False), cfg)
+    assert set(metrics) == train_metric_names(cfg)
