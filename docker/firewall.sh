@@ -16,7 +16,7 @@
 # and between containers on one network do not pass that DNAT and are left alone. `allow` again
 # replaces the list in one atomic step (iptables-restore); both commands can be run any number of
 # times. IPv4 only. The kernel forgets the rules at a reboot: run `allow` again then, before the
-# stack starts.
+# stack starts (start it with SUPERLINK_RESTART=no, so that the SuperLink waits for you).
 set -euo pipefail
 
 usage() { sed -n '6,8s/^# *//p' "$0" >&2; exit 2; }

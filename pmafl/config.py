@@ -224,9 +224,9 @@ class RunConfig:
     max_idle_rounds: int = option(3, "Stop the run after this many rounds in a row with fewer "
                                   "than `min-train-nodes` valid replies (such a round leaves the "
                                   "global model as it was).", low=1)
-    max_missed_rounds: int = option(2, "A node that did not answer in this many rounds in a row "
-                                    "is not sampled for `skip-rounds` rounds (0: never skipped).",
-                                    low=0)
+    max_missed_rounds: int = option(2, "A node with no usable reply (none in time, an error, or "
+                                    "one left out) in this many of its rounds in a row is not "
+                                    "sampled for `skip-rounds` rounds (0: never skipped).", low=0)
     skip_rounds: int = option(3, "Rounds a node that missed `max-missed-rounds` rounds in a row "
                               "is not sampled.", low=1)
     dataset: str = option("digits", "Dataset: `digits` (scikit-learn, offline), "

@@ -105,6 +105,10 @@ def fetch(url: str, target: Path, sha256: str, digest_of: str = "file") -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=120) as response:
+                landed = urllib.parse.urlparse(response.geturl()).scheme
+                if landed != scheme:  # urllib follows redirects, from https to http too
+                    raise DatasetError(f"refusing to download {url}: it redirects to "
+                                       f"{response.geturl()}, not {scheme}")
                 shutil.copyfileobj(response, tmp)
             tmp.close()
             found = _sha256(Path(tmp.name), digest_of)

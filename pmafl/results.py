@@ -151,8 +151,8 @@ def summary(folder: Path) -> str:
     """A per-round table of a results folder, ending with the folder's path."""
     results = json.loads((Path(folder) / "results.json").read_text())
     config, rounds = results["config"], results["rounds"]
-    test_images = rounds[-1].get("eval_examples", "the")
-    lines = [f"{config['objective']} on {config['dataset']}, {len(rounds) - 1} rounds, "
+    test_images = rounds[-1].get("eval_examples", "the") if rounds else "the"
+    lines = [f"{config['objective']} on {config['dataset']}, {max(len(rounds) - 1, 0)} rounds, "
              f"eps {config['eps']}; central = the global model on {test_images} test images, node = "
              "federated evaluation on the nodes' local test splits (mean / worst node):",
              "round  clean_acc  fgsm_acc  pgd_acc  node_pgd_mean  node_pgd_worst  local_loss  left_out"

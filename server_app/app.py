@@ -183,9 +183,13 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=CentralEvaluator(model, eval_split(cfg, data), cfg, trigger))
     except FederationStalled as e:
         # What the completed rounds found is kept: the rows, and the model of the last one.
+        stopped = str(e)
         if checkpoint_files(folder):
-            model.load_state_dict(load_checkpoint(folder, cfg.to_dict())["model"])
-        write_results(folder, cfg.to_dict(), rows, model, stopped=str(e))
+            try:
+                model.load_state_dict(load_checkpoint(folder, cfg.to_dict())["model"])
+            except CheckpointError as unreadable:
+                stopped += f"; model.pt is the model the run started from ({unreadable})"
+        write_results(folder, cfg.to_dict(), rows, model, stopped=stopped)
         log(WARNING, "Stopped: %s. Results of the completed rounds written to %s", e, folder.resolve())
         raise
 

@@ -63,10 +63,11 @@ class PMAFL(RoundLoop, FedAvg):
       stays as it was, and after `max_idle_rounds` such rounds in a row the run stops with
       `FederationStalled`, as it does when fewer than `min_available_nodes` nodes are connected for
       longer than `node_wait_timeout` seconds (before training and before evaluation alike).
-    * A node that missed `max_missed_rounds` rounds in a row (no reply within the round's
-      timeout) is not sampled for the next `skip_rounds` rounds (logged), so a silent node does
-      not cost every round its full timeout; when skipping would leave too few nodes, it is
-      sampled anyway.
+    * A node that missed `max_missed_rounds` of its rounds in a row (no usable reply, in training
+      or evaluation: none within the round's timeout, an error, or one left out) is not sampled
+      for the next `skip_rounds` rounds (logged), so neither a silent node nor one that answers
+      garbage at the last moment costs every round its full timeout; when skipping would leave
+      too few nodes, it is sampled anyway.
 
     With `train_config.update_compression` other than `none`, clients reply with a compressed
     update (`pmafl.compression`) that is decoded against the global model sent before it is
@@ -147,6 +148,7 @@ class PMAFL(RoundLoop, FedAvg):
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
         self._claims: dict[tuple[str, int], tuple[int, int]] = {}
         self._missed: dict[int, tuple[int, int]] = {}  # node: (rounds missed in a row, the last)
+        self._usable: dict[int, tuple[int, int]] = {}  # node: (last round with a usable reply, one before)
         self._skip_until: dict[int, int] = {}  # node: the last round it is not sampled
 
     def summary(self) -> None:
@@ -165,11 +167,13 @@ class PMAFL(RoundLoop, FedAvg):
         return {"claims": [[stage, node, claim, first] for (stage, node), (claim, first)
                            in sorted(self._claims.items())],
                 "missed": sorted([node, count, last] for node, (count, last) in self._missed.items()),
+                "usable": sorted([node, last, before] for node, (last, before) in self._usable.items()),
                 "skip-until": sorted([node, last] for node, last in self._skip_until.items())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._claims = {(stage, node): (claim, first) for stage, node, claim, first in state["claims"]}
         self._missed = {node: (count, last) for node, count, last in state.get("missed", [])}
+        self._usable = {node: (last, before) for node, last, before in state.get("usable", [])}
         self._skip_until = {node: last for node, last in state.get("skip-until", [])}
 
     def round_eps(self, server_round: int) -> float:
@@ -300,7 +304,8 @@ class PMAFL(RoundLoop, FedAvg):
         weights = capped_weights(claims, self.weight_cap)
         capped = sum(w < c for w, c in zip(weights, claims, strict=True))
         if capped:
-            log(WARNING, "round %d: %d of %d replies weigh more than %g x the median '%s' "
+            # INFO, not WARNING: at the default cap (1) half of an honest round is capped.
+            log(INFO, "round %d: %d of %d replies weigh more than %g x the median '%s' "
                 "(%s); their weight is capped", server_round, capped, len(claims),
                 self.weight_cap, self.weighted_by_key, sorted(claims))
         return weights
@@ -346,7 +351,7 @@ class PMAFL(RoundLoop, FedAvg):
                            f"unreadable reply: {type(e).__name__}: {str(e)[:300]}")
                 continue
             valid.append((msg, content))
-        self._count_misses(server_round, sampled, answered)
+        self._count_misses(server_round, sampled, {msg.metadata.src_node_id for msg, _ in valid})
         for node in sorted(set(sampled) - answered):
             self._fail(server_round, stage, node, "no reply (node unreachable or round timed out)")
         if sampled:
@@ -388,22 +393,30 @@ class PMAFL(RoundLoop, FedAvg):
         decoded[key] = ArrayRecord(torch_state_dict=model)
         return decoded
 
-    def _count_misses(self, server_round: int, sampled: list[int], answered: set[int]) -> None:
-        """A sampled node that did not answer missed the round (once per round, whether it missed
-        the training, the evaluation or both); after `max_missed_rounds` in a row it is skipped
-        for `skip_rounds` rounds. An answer (valid or not) resets its count."""
+    def _count_misses(self, server_round: int, sampled: list[int], usable: set[int]) -> None:
+        """A sampled node without a usable reply in a stage (none, an error, or one left out)
+        missed the round, once per round whichever stages it missed. Its count starts again after
+        a round it was sampled in and missed nothing; rounds it was not sampled in do not break the
+        row, so a node back from being skipped that misses again is skipped again. After
+        `max_missed_rounds` in a row it is skipped for `skip_rounds` rounds."""
         for node in sampled:
-            if node in answered:
-                self._missed.pop(node, None)
+            last, before = self._usable.get(node, (0, 0))
+            if node in usable:
+                if last != server_round:
+                    self._usable[node] = (server_round, last)
                 continue
-            count, last = self._missed.get(node, (0, 0))
-            if last == server_round:
+            count, missed = self._missed.get(node, (0, 0))
+            if missed == server_round:
                 continue
-            self._missed[node] = (count + 1, server_round)
-            if 0 < self.max_missed_rounds <= count + 1:
+            # The last round with a usable reply before this one; it missed nothing if it came
+            # after the last miss (a miss later in that round would be the last miss).
+            usable_before = last if last != server_round else before
+            count = 1 if usable_before > missed else count + 1
+            self._missed[node] = (count, server_round)
+            if 0 < self.max_missed_rounds <= count:
                 self._skip_until[node] = server_round + self.skip_rounds
-                log(WARNING, "round %d: node %d missed %d rounds in a row; it is not sampled in "
-                    "rounds %d to %d", server_round, node, count + 1, server_round + 1,
+                log(WARNING, "round %d: node %d missed %d of its rounds in a row; it is not "
+                    "sampled in rounds %d to %d", server_round, node, count, server_round + 1,
                     server_round + self.skip_rounds)
 
     def _fail(self, server_round: int, stage: str, node: int, reason: str) -> None:

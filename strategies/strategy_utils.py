@@ -204,8 +204,12 @@ def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> ArrayReco
 
 
 def _cast(values: np.ndarray, dtype: np.dtype) -> Array:
-    """A float64 aggregate back in the clients' dtype, integers (e.g. BatchNorm counters) rounded."""
-    return Array(np.asarray(values.round() if dtype.kind in "iub" else values, dtype=dtype))
+    """A float64 aggregate back in the clients' dtype, integers (e.g. BatchNorm counters) rounded
+    and kept inside the dtype's range (a cast would wrap a hostile 2**63 round to negative)."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        values = np.clip(values.round(), info.min, np.nextafter(float(info.max), 0))
+    return Array(np.asarray(values.round() if dtype.kind == "b" else values, dtype=dtype))
 
 
 def coordinate_wise(records: list[ArrayRecord], reduce: Callable[[np.ndarray], np.ndarray]
@@ -339,6 +343,8 @@ def parse_arrays(arrays: ArrayRecord, expected: Specs) -> ArrayRecord:
         except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not an array
             raise BadReply(f"array '{key}' does not parse as a NumPy array ({type(e).__name__}: "
                            f"{str(e)[:200]})") from None
+        if not isinstance(values, np.ndarray):  # `.npz` bytes load as an archive
+            raise BadReply(f"array '{key}' parses as an {type(values).__name__}, not an array")
         if values.shape != shape:
             raise BadReply(f"array '{key}' has shape {values.shape}, expected {shape}")
         if str(values.dtype) != dtype:

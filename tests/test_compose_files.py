@@ -139,6 +139,10 @@ def test_the_superlink_is_published_on_loopback_only(stack):
         assert '"${SUPERLINK_BIND:-127.0.0.1}:8000:8000"' in raw
         opened = merge(STACKS[stack], {"SUPERLINK_BIND": "10.0.0.5"})["services"]["superlink"]
         assert opened["ports"] == ["10.0.0.5:8000:8000"]
+        # After a reboot such a SuperLink must wait for the firewall's rules (firewall.sh).
+        assert services["superlink"]["restart"] == "unless-stopped"
+        waits = merge(STACKS[stack], {"SUPERLINK_RESTART": "no"})["services"]["superlink"]
+        assert waits["restart"] in ("no", False)  # YAML 1.1 reads an unquoted no as false
 
 
 @pytest.mark.parametrize("stack", list(STACKS))

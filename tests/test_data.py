@@ -221,6 +221,20 @@ def test_downloads_go_over_https_only(tmp_path):
         load_dataset("svhn", str(tmp_path), True, 0.3)
 
 
+def test_a_download_redirected_to_http_is_refused(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    class Redirected(io.BytesIO):
+        def geturl(self):
+            return "http://mirror.example.org/x.gz"
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Redirected(b"data"))
+    with pytest.raises(DatasetError, match="redirects to http://mirror.example.org/x.gz, not https"):
+        data_module.fetch("https://example.org/x.gz", tmp_path / "x.gz", "0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not data_module.FASHION_MNIST_DEBIAN.is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_pinned_sha256_are_those_of_the_real_files():

@@ -204,6 +204,7 @@ def test_the_last_checkpoints_are_kept_and_a_run_can_step_back_to_one(tmp_path):
 
 
 def test_results_and_model_are_written_atomically(tmp_path, monkeypatch):
+    import pmafl.results as results_module
     from pmafl.results import write_results
 
     model = torch.nn.Linear(2, 2)
@@ -219,6 +220,27 @@ def test_results_and_model_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_results(tmp_path, RunConfig().to_dict(), [], model)
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+    # results.json too (written after model.pt): a file opened for writing in place would be
+    # empty by the time its content fails to serialise.
+    monkeypatch.undo()
+
+    class DiesWhileSerialising:
+        @staticmethod
+        def dumps(*args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(results_module, "json", DiesWhileSerialising)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(tmp_path, RunConfig().to_dict(), [], model)
+    assert (tmp_path / "results.json").read_bytes() == before["results.json"]
+
+
+def test_a_run_stopped_before_any_round_is_summarised(tmp_path):
+    from pmafl.results import summary, write_results
+
+    write_results(tmp_path, RunConfig().to_dict(), [], torch.nn.Linear(2, 2), stopped="no nodes")
+    text = summary(tmp_path)
+    assert ", 0 rounds," in text and "STOPPED before its last round: no nodes" in text
 
 
 def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):

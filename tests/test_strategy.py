@@ -139,6 +139,11 @@ def test_integer_arrays_stay_integers():
     arrays, _ = strategy.aggregate_train(1, replies)
     # Weights 1 and min(3, median 2): (10 + 2 * 20) / 3 = 16.67 -> 17
     assert arrays["steps"].numpy().dtype == np.int64 and arrays["steps"].numpy() == 17
+    # A counter near the int64 limit saturates: the mean does not wrap round to negative.
+    replies = [reply(sent[11], {**global_shapes, "steps": np.array(2**63 - 1, np.int64)}, 1),
+               reply(sent[12], {**global_shapes, "steps": np.array(2**63 - 1, np.int64)}, 1)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays["steps"].numpy() > 2**62
 
 
 def bad_replies():
@@ -433,6 +438,13 @@ def _npy(values):
     return buffer.getvalue()
 
 
+def _npz(values):
+    import io
+    buffer = io.BytesIO()
+    np.savez(buffer, w=values)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("w, problem", [
     (_raw_array(_npy(np.full((2, 3), 1e300))), "dtype float64, expected float32"),
     (_raw_array(b"\x93NUMPY garbage"), "does not parse as a NumPy array"),
@@ -440,6 +452,7 @@ def _npy(values):
      "serialised as 'torch.Tensor'"),
     (_raw_array(_npy(np.full((200, 300), 2.0, np.float32))), "more than the 4120"),
     (_raw_array(_npy(np.full((3, 2), 2.0, np.float32))), "has shape (3, 2), expected (2, 3)"),
+    (_raw_array(_npz(np.full((2, 3), 2.0, np.float32))), "parses as an NpzFile, not an array"),
 ])
 def test_screening_reads_the_bytes_that_would_be_averaged_not_the_declared_metadata(w, problem):
     strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
@@ -568,6 +581,35 @@ def test_a_node_that_misses_rounds_is_skipped_for_a_while_then_tried_again():
     strategy.load_state_dict(PMAFL().state_dict())
     assert 13 in {m.metadata.dst_node_id for m in strategy.configure_train(
         8, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+
+
+def test_a_node_whose_replies_are_never_usable_is_skipped_like_a_silent_one():
+    """A node that answers each round with something left out (here: a valid train reply and an
+    error in evaluation, each of which could come just before the timeout) misses its rounds."""
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2,
+                     max_missed_rounds=2, skip_rounds=3)
+    strategy.num_rounds = 10
+    sampled = {}
+    for server_round in range(1, 5):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        sampled[server_round] = sorted(sent)
+        strategy.aggregate_train(server_round, [reply(sent[n], GOOD, 10) for n in sent])
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(
+            server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        strategy.aggregate_evaluate(server_round, [
+            Message(Error(code=2, reason="late garbage"), reply_to=sent[n]) if n == 13
+            else evaluate_reply(sent[n], 10) for n in sent])
+    assert [13 in sampled[r] for r in range(1, 5)] == [True, True, False, False]
+    # A round with usable replies in every stage starts the count again.
+    strategy = PMAFL(min_available_nodes=2, min_train_nodes=2, max_missed_rounds=2)
+    for server_round, good in enumerate([False, True, False, True, False], start=1):
+        sent = configured(strategy) if server_round == 1 else {
+            m.metadata.dst_node_id: m for m in strategy.configure_train(
+                server_round, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12, 13)))}
+        assert 13 in sent
+        strategy.aggregate_train(server_round, [reply(sent[n], GOOD if good or n != 13 else
+                                                      {"w": GOOD["w"]}, 10) for n in sent])
 
 
 def test_skipped_nodes_are_sampled_anyway_when_too_few_would_be_left():
