@@ -273,8 +273,9 @@ class PMAFL(RoundLoop, FedAvg):
         if len(eligible) < least:
             eligible = connected
         elif len(eligible) < len(connected):
-            log(INFO, "round %d %s: nodes %s skipped (missed %d rounds in a row)", server_round,
-                stage, sorted(set(connected) - set(eligible)), self.max_missed_rounds)
+            log(INFO, "round %d %s: nodes %s skipped (no usable reply in %d of their rounds in a "
+                "row)", server_round, stage, sorted(set(connected) - set(eligible)),
+                self.max_missed_rounds)
         size = min(len(eligible), max(int(len(eligible) * fraction), least))
         nodes = random.sample(eligible, size)
         log(INFO, "configure_%s: sampled %d nodes (out of %d connected)", stage, len(nodes), len(connected))
