@@ -8,6 +8,7 @@ rounds, and how many hostile replies were left out of the average.
     python bench/hostile.py --set "dataset='fashion-mnist'" --out docs/results/hostile-fashion
     python bench/hostile.py --attacks scale --hostile 1 --set clip-factor=0 --set weight-cap=0  # no defence
     python bench/hostile.py --report-only --out docs/results/hostile-digits
+    python bench/hostile.py --table default=docs/results/hostile-digits median=DIR  # a column each
 
 Attacks (on every train reply of a hostile node):
   scale            its trained weights x 1e4 (finite)
@@ -136,6 +137,30 @@ def report(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table(columns: list[tuple[str, Path]]) -> str:
+    """One markdown table of several result folders, a column each: final clean / PGD-20 of every
+    (attack, hostile nodes) cell, "stopped after N rounds" for a run that did not complete."""
+    found = {label: {(r["attack"], r["hostile"]): r for r in
+                     (json.loads(p.read_text()) for p in sorted(folder.glob("*_hostile*_seed*.json")))}
+             for label, folder in columns}
+    order = {name: i for i, name in enumerate(ATTACKS)}
+    cells = sorted({cell for rows in found.values() for cell in rows}, key=lambda c: (order[c[0]], c[1]))
+    lines = ["| attack | hostile of 10 | " + " | ".join(label for label, _ in columns) + " |",
+             "| --- | --- |" + " --- |" * len(columns)]
+    for cell in cells:
+        shown = []
+        for label, _ in columns:
+            r = found[label].get(cell)
+            if r is None:
+                shown.append("")
+            elif not r["completed"]:
+                shown.append(f"stopped after {r['rounds_done']} rounds")
+            else:
+                shown.append(f"{r['clean_acc']:.3f} / {r['pgd_acc']:.3f}")
+        lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -151,7 +176,13 @@ def main_cli() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "hostile-digits")
     parser.add_argument("--report-only", action="store_true", help="rebuild report.md from the rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--table", nargs="+", metavar="LABEL=DIR",
+                        help="print one table of these result folders (a column each) and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table([(label, Path(folder)) for label, folder in
+                     (item.rsplit("=", 1) for item in args.table)]), end="")
+        return
     # One process trains all ten nodes in turn: one torch thread is as fast on an idle 2-core
     # machine and several times faster on a busy one (oversubscribed threads spin).
     torch.set_num_threads(args.threads)
