@@ -115,8 +115,13 @@ def run_cell(attack: str, hostile: int, seed: int, overrides: dict[str, Any], ro
             "overrides": overrides, "seconds": round(seconds, 1)}
 
 
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """The finished cells' rows of a result folder."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*_hostile*_seed*.json"))]
+
+
 def report(out: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*_hostile*_seed*.json"))]
+    rows = read_rows(out)
     if not rows:
         return "no finished cells"
     first = rows[0]
@@ -140,9 +145,7 @@ def report(out: Path) -> str:
 def table(columns: list[tuple[str, Path]]) -> str:
     """One markdown table of several result folders, a column each: final clean / PGD-20 of every
     (attack, hostile nodes) cell, "stopped after N rounds" for a run that did not complete."""
-    found = {label: {(r["attack"], r["hostile"]): r for r in
-                     (json.loads(p.read_text()) for p in sorted(folder.glob("*_hostile*_seed*.json")))}
-             for label, folder in columns}
+    found = {label: {(r["attack"], r["hostile"]): r for r in read_rows(folder)} for label, folder in columns}
     order = {name: i for i, name in enumerate(ATTACKS)}
     cells = sorted({cell for rows in found.values() for cell in rows}, key=lambda c: (order[c[0]], c[1]))
     lines = ["| attack | hostile of 10 | " + " | ".join(label for label, _ in columns) + " |",

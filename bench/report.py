@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a table differs from what its data gives")
     args = parser.parse_args(argv)
-    stale = []
+    stale, tables = [], 0
     for path in DOCS:
         text = path.read_text()
+        tables += len(_BLOCK.findall(text))
         new = render(text, str(path.relative_to(ROOT)))
         if new == text:
             continue
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tables that differ from the committed results (python bench/report.py rewrites them):\n  "
               + "\n  ".join(stale))
         return 1
-    print(f"{'checked' if args.check else 'wrote'} {sum(len(_BLOCK.findall(p.read_text())) for p in DOCS)} "
-          "generated tables" + (f"; rewrote: {', '.join(stale)}" if stale and not args.check else ""))
+    print(f"{'checked' if args.check else 'wrote'} {tables} generated tables"
+          + (f"; rewrote: {', '.join(stale)}" if stale and not args.check else ""))
     return 0
 
 
