@@ -152,7 +152,9 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     run = json.loads((results / "results.json").read_text())
     argv = [str(results / "model.pt"), "--attacks", "pgd20,cw,autoattack", "--limit", str(args.test_n),
             "--autoattack-n", str(args.autoattack_n or 10**9), "--out", str(folder / "suite.json")]
+    start = time.time()
     suite = evaluate_model_file(argv)
+    suite_seconds = time.time() - start
     rounds = run["rounds"]
     last = rounds[-1]
     final = {"cell": cell.__dict__, "results": str(results), **suite,
@@ -162,7 +164,13 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
              # and back.
              "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
              "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),
-             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr")
+             # Wall time on the machine that ran the cell: the federation's rounds (the teacher's
+             # pre-training, before round 1, is not in them) and the attack suite.
+             "federation_seconds": round(sum(r.get("round_seconds", 0.0) for r in rounds), 1),
+             "suite_seconds": round(suite_seconds, 1),
+             "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr",
+                                               "round_seconds", "train_compute_seconds",
+                                               "fedftg_seconds")
                          if k in r} for r in rounds]}
     # Written last and atomically: its presence marks the cell finished.
     tmp = folder / "final.json.tmp"

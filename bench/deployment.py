@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--only", choices=KINDS, help="run only one of them")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per flwr run")
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
+    parser.add_argument("--out", type=Path, help="also write the medians as JSON (docs/results/...)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="pmafl-bench-deployment-"))
     torch_seconds = import_torch_seconds()
@@ -183,6 +184,11 @@ def main() -> None:
         if kind in medians and "simulation" in medians:
             print(f"  {kind} / simulation round time: "
                   f"{medians[kind]['round'] / medians['simulation']['round']:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"nodes": args.nodes, "rounds": args.rounds, "overrides": args.set,
+                                        "cpus": os.cpu_count(), "import_torch_seconds": torch_seconds,
+                                        "medians": medians}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

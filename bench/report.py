@@ -4,8 +4,10 @@
     python bench/report.py --check   # exit 1, naming each table that differs from its data
 
 A generated table sits between `<!-- table: NAME -->` and `<!-- /table -->`, NAME a key of
-`TABLES`; everything outside the markers is left alone. tests/test_report.py runs `--check`, so a
-table that drifts from the files in docs/results fails the tests.
+`TABLES`; everything outside the markers is left alone. Each table ends with the result folders it
+was read from, their data sizes and seeds, and the command that wrote them (`GRIDS`).
+tests/test_report.py runs `--check`, so a table that drifts from the files in docs/results fails
+the tests, and it fails on a results table written by hand outside the markers.
 """
 
 from __future__ import annotations
@@ -13,43 +15,484 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 from compare import mean_std  # noqa: E402
+from hostile import read_rows  # noqa: E402
 from hostile import table as hostile_table  # noqa: E402
+
+FASHION = "--alphas 0.3 --set \"dataset='fashion-mnist'\" --autoattack-n 200"
+ROBUSTKD_DIGITS = "--autoattack-n 200 --set backdoor-client-rate=0.1"
+ROBUSTKD_FASHION = f"{FASHION} --set backdoor-client-rate=0.1 --set backdoor-rate=0.1"
+FEDFTG = ("--methods ce,ce+fedftg,pgd-at,pgd-at+fedftg,pgd-at+fedftg-robust,pmafl,pmafl+fedftg,"
+          "pmafl+fedftg-robust --alphas 0.1")
+ABLATIONS = {"grad-clip0": "--set grad-clip=0", "lambda0.1": "--set lambda-alg=0.1", "tau2": "--set tau=2.0",
+             "lambda0.1-grad-clip0": "--set lambda-alg=0.1 --set grad-clip=0",
+             "tau2-grad-clip0": "--set tau=2.0 --set grad-clip=0"}
+# Every committed result folder and the command that wrote it (run from the repository root).
+GRIDS: dict[str, str] = {
+    "digits": "python bench/compare.py --methods ce,pgd-at,trades,pmafl --autoattack-n 200",
+    "fashion-mnist": f"python bench/compare.py --methods ce,pgd-at,fat,trades,mart,calfat,pmafl {FASHION}",
+    "nodefence-digits": "python bench/compare.py --methods pmafl --autoattack-n 200 "
+                        "--set clip-factor=0 --set weight-cap=0",
+    "defaults-fashion": f"python bench/compare.py --methods pmafl {FASHION}",
+    "fedftg-digits": f"python bench/compare.py {FEDFTG} --autoattack-n 200",
+    "fedftg-fashion": f"python bench/compare.py {FEDFTG} --set \"dataset='fashion-mnist'\" "
+                      "--autoattack-n 200",
+    "kdiga-digits/weight0": "python bench/compare.py --methods kdiga,pmafl --autoattack-n 200",
+    "kdiga-digits/weight3": "python bench/compare.py --methods kdiga --set kdiga-weight=3 --autoattack-n 200",
+    "kdiga-digits/weight1": "python bench/compare.py --methods pmafl --set kdiga-weight=1 --autoattack-n 200",
+    "kdiga-fashion/weight0": f"python bench/compare.py --methods kdiga {FASHION}",
+    "kdiga-fashion/weight3": f"python bench/compare.py --methods kdiga {FASHION} --set kdiga-weight=3",
+    "kdiga-fashion/weight1": f"python bench/compare.py --methods pmafl {FASHION} --set kdiga-weight=1",
+    "robustkd-digits/backdoor": f"python bench/compare.py --methods pgd-at,pmafl {ROBUSTKD_DIGITS} "
+                                "--set backdoor-rate=0.1",
+    "robustkd-digits/backdoor-robustkd": f"python bench/compare.py --methods pmafl {ROBUSTKD_DIGITS} "
+                                         "--set backdoor-rate=0.1 --set robustkd-weight=1",
+    "robustkd-digits/clean": f"python bench/compare.py --methods pmafl {ROBUSTKD_DIGITS}",
+    "robustkd-digits/clean-robustkd": f"python bench/compare.py --methods pmafl {ROBUSTKD_DIGITS} "
+                                      "--set robustkd-weight=1",
+    "robustkd-fashion/backdoor": f"python bench/compare.py --methods pmafl,pgd-at {ROBUSTKD_FASHION}",
+    "robustkd-fashion/backdoor-robustkd": f"python bench/compare.py --methods pmafl {ROBUSTKD_FASHION} "
+                                          "--set robustkd-weight=1",
+    **{f"compression-digits/{c}": "python bench/compare.py --methods pmafl --alphas 0.1 "
+       f"--set \"update-compression='{c}'\" --autoattack-n 200" for c in ("none", "fp16", "int8", "topk")},
+    "fgsm-rs-digits": "python bench/compare.py --methods pmafl,pgd-at --set \"train-attack='fgsm-rs'\" "
+                      "--autoattack-n 200",
+    **{f"ablation-digits/{name}": f"python bench/compare.py --methods pmafl --seeds 0 {sets} "
+       "--autoattack-n 200" for name, sets in ABLATIONS.items()},
+    "fedftg-cost-digits": "python bench/compare.py --methods ce+fedftg,pmafl+fedftg,pmafl+fedftg-robust "
+                          "--seeds 0 --autoattack-n 200",
+    "step-time/cpu-28x28.json": "python bench/step_time.py --image-size 28 --repeats 2",
+    "deployment/3-nodes.json": "python bench/deployment.py",
+    "scale/10-vs-100.json": "python bench/scale.py",
+    "evaluation/digits-pmafl-seed0.json": "pmafl-evaluate docs/results/digits/runs/pmafl_alpha0.5_seed0/"
+                                          "results/<run>/model.pt --autoattack-n 359",
+    "robustkd-digits/backdoor-unstamped": "python bench/compare.py --methods pmafl --set backdoor-rate=0.1 "
+                                          "--autoattack-n 200",
+    "robustkd-digits/vet.json": "python bench/vet_teachers.py",
+    "hostile-digits": "python bench/hostile.py",
+    "hostile-digits-cap4": "python bench/hostile.py --set weight-cap=4.0",
+    "hostile-digits-median": "python bench/hostile.py --attacks none,scale,sign-flip-claim "
+                             "--set \"aggregation='median'\"",
+    "hostile-digits-trimmed-mean": "python bench/hostile.py --attacks none,scale,sign-flip-claim --hostile 1 "
+                                   "--set \"aggregation='trimmed-mean'\"",
+    "hostile-digits-nodefence": "python bench/hostile.py --attacks scale,sign-flip-claim --hostile 1 "
+                                "--set clip-factor=0 --set weight-cap=0",
+    "hostile-fashion": "python bench/hostile.py --rounds 10 --set \"dataset='fashion-mnist'\"",
+    "robustkd-fashion/vet.json": "python bench/vet_teachers.py --set \"dataset='fashion-mnist'\" "
+                                 "--kinds KIND --seeds 0,1,2",
+    "teachers/digits.json": "pmafl-evaluate ~/.cache/pmafl/teachers/digits--cnn-large--62c6365f10.pt "
+                            "--autoattack-n 200",
+    "teachers/fashion-mnist.json": "pmafl-evaluate ~/.cache/pmafl/teachers/fashion-mnist--cnn-large"
+                                   "--98945f405c.pt --limit 2000 --autoattack-n 200",
+}
+
+COLUMNS: dict[str, tuple[str, str]] = {
+    "clean": ("clean_acc", "clean"), "pgd20": ("pgd20_acc", "PGD-20"), "cw": ("cw_acc", "CW"),
+    "aa": ("autoattack_acc", "AutoAttack"), "worst": ("fed_worst_pgd_acc", "worst node PGD-20"),
+    "aa_pgd20": ("autoattack_subset_pgd20_acc", "PGD-20 on AutoAttack's images"),
+    "asr": ("asr", "backdoor ASR"),
+}
+ALL = ("clean", "pgd20", "cw", "aa", "worst")
+
+
+class Sources:
+    """The result files one table reads, for its closing lines: where, how much data, which command."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, list[dict[str, Any]]] = {}
+
+    def runs(self, folder: str, method: str) -> list[dict[str, Any]]:
+        """The final.json of every seed of `method` in the grid `folder`, by seed."""
+        paths = sorted((RESULTS / folder / "runs").glob(f"{method}_alpha*_seed*/final.json"))
+        if not paths:
+            raise SystemExit(f"docs/results/{folder}: no finished cell of method '{method}'")
+        runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["cell"]["seed"])
+        self.used.setdefault(folder, []).extend(runs)
+        return runs
+
+    def file(self, name: str) -> Any:
+        if not (RESULTS / name).is_file():
+            raise SystemExit(f"docs/results/{name}: no such file; `{GRIDS[name]}` writes it")
+        data = json.loads((RESULTS / name).read_text())
+        self.used.setdefault(name, [])
+        return data
+
+    def caption(self) -> str:
+        lines = ["", "Generated by `python bench/report.py` from:"]
+        for folder, runs in self.used.items():
+            command = GRIDS[folder]
+            if command.startswith("python bench/compare.py"):
+                command += f" --out docs/results/{folder}"
+            elif command.startswith(("pmafl-evaluate", "python bench/step_time", "python bench/deployment",
+                                     "python bench/scale")):
+                command += f" --out docs/results/{folder}"
+            size = ""
+            if runs:
+                seeds = sorted({r["cell"]["seed"] for r in runs})
+                aa = max(r.get("autoattack_n", 0) for r in runs)
+                seeds_text = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+                size = (f" ({runs[0]['dataset']}, {runs[0]['num_examples']:,} test images, AutoAttack on "
+                        f"the first {aa}; {seeds_text})")
+            lines.append(f"- `docs/results/{folder}`{size}: `{command}`")
+        return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
+def _cell(runs: list[dict[str, Any]], column: str) -> tuple[str, float | None]:
+    key = COLUMNS[column][0]
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return (mean_std(values), _mean(values)) if values else ("-", None)
+
+
+def _bold_best(cells: list[list[tuple[str, float | None]]], columns: tuple[str, ...]) -> list[list[str]]:
+    """Each row's cells, the highest mean of each accuracy column in bold (ASR: none)."""
+    out = [[text for text, _ in row] for row in cells]
+    for j, column in enumerate(columns):
+        means = [row[j][1] for row in cells if row[j][1] is not None]
+        if column == "asr" or len(means) < 2:
+            continue
+        best = max(round(m, 3) for m in means)
+        for i, row in enumerate(cells):
+            if row[j][1] is not None and round(row[j][1], 3) == best:
+                out[i][j] = f"**{out[i][j]}**"
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def grid(rows: list[tuple[str, str, str]], columns: tuple[str, ...] = ALL, first: str = "method",
+         bold: bool = True, teacher: str = "") -> Callable[[], str]:
+    """One row per (label, folder, method): mean ± std over seeds of each column; with `teacher`,
+    a teacher row first and the student's share of the teacher's AutoAttack accuracy."""
+    def render() -> str:
+        src = Sources()
+        runs = [src.runs(folder, method) for _, folder, method in rows]
+        cells = [[_cell(r, c) for c in columns] for r in runs]
+        shown = _bold_best(cells, columns) if bold else [[t for t, _ in row] for row in cells]
+        header = [first, "seeds", *(COLUMNS[c][1] for c in columns)]
+        body = [[label, str(len(r)), *row] for (label, _, _), r, row in zip(rows, runs, shown, strict=True)]
+        if teacher:
+            t = src.file(f"teachers/{teacher}.json")
+            share = [f"{_mean([x['autoattack_acc'] for x in r]) / t['autoattack_acc']:.2f}" for r in runs]
+            header.append("student / teacher AutoAttack")
+            body = [["the teacher (`cnn-large`)", "-",
+                     *(f"{t[COLUMNS[c][0]]:.3f}" if COLUMNS[c][0] in t else "-" for c in columns), "1"]] + \
+                   [row + [s] for row, s in zip(body, share, strict=True)]
+        return _table(header, body) + src.caption()
+    return render
+
+
+def paired(rows: list[tuple[str, tuple[str, str], tuple[str, str]]],
+           columns: tuple[str, ...] = ("clean", "pgd20", "aa", "worst")) -> Callable[[], str]:
+    """Per seed, in points, a variant minus its base on the same seed: the mean, then each seed."""
+    def render() -> str:
+        src = Sources()
+        body = []
+        for label, variant, base in rows:
+            v, b = src.runs(*variant), src.runs(*base)
+            if [r["cell"]["seed"] for r in v] != [r["cell"]["seed"] for r in b]:
+                raise SystemExit(f"{variant} and {base}: not the same seeds")
+            cells = []
+            for c in columns:
+                key = COLUMNS[c][0]
+                diffs = [(x[key] - y[key]) * 100 for x, y in zip(v, b, strict=True)]
+                cells.append(f"{_mean(diffs):+.1f} (" + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+            body.append([label, ", ".join(str(r["cell"]["seed"]) for r in v), *cells])
+        return _table(["change", "seeds", *(COLUMNS[c][1] for c in columns)], body) + src.caption()
+    return render
+
+
+def per_seed(folder: str, methods: list[str]) -> Callable[[], str]:
+    """clean / PGD-20 / AutoAttack of each seed of each method."""
+    def render() -> str:
+        src = Sources()
+        runs = {m: src.runs(folder, m) for m in methods}
+        seeds = sorted({r["cell"]["seed"] for rs in runs.values() for r in rs})
+        body = []
+        for m, rs in runs.items():
+            by_seed = {r["cell"]["seed"]: r for r in rs}
+            body.append([f"`{m}`", *(f"{by_seed[s]['clean_acc']:.3f} / {by_seed[s]['pgd20_acc']:.3f} / "
+                                     f"{by_seed[s]['autoattack_acc']:.3f}" if s in by_seed else "-"
+                                     for s in seeds)])
+        return _table(["method", *(f"seed {s}" for s in seeds)], body) + src.caption()
+    return render
+
+
+def warnings_grid(folder: str, methods: list[str]) -> Callable[[], str]:
+    """A grid's every column, PGD-20 on AutoAttack's images and the warnings of the attack suite."""
+    columns = ("clean", "pgd20", "cw", "aa", "aa_pgd20", "worst")
+    def render() -> str:
+        src = Sources()
+        body = []
+        for m in methods:
+            runs = src.runs(folder, m)
+            masking = sum(len(r["gradient_masking_warnings"]) for r in runs)
+            overfitting = sum(len(r.get("overfitting_warnings", [])) for r in runs)
+            body.append([f"`{m}`", str(len(runs)), *(_cell(runs, c)[0] for c in columns),
+                         f"{masking} / {overfitting}"])
+        header = ["method", "seeds", *(COLUMNS[c][1] for c in columns), "masking / overfitting warnings"]
+        return _table(header, body) + src.caption()
+    return render
+
+
+def compression() -> str:
+    """Update compression: accuracy and megabytes uploaded (clients to server), against float32."""
+    src = Sources()
+    columns = ("clean", "pgd20", "aa", "worst")
+    body, base = [], None
+    for encoding, label in (("none", "`none` (float32)"), ("fp16", "`fp16`"), ("int8", "`int8`"),
+                            ("topk", "`topk` (10%)")):
+        runs = src.runs(f"compression-digits/{encoding}", "pmafl")
+        up = _mean([r["bytes_received"] for r in runs]) / 1e6
+        down = _mean([r["bytes_sent"] for r in runs]) / 1e6
+        base = base or up
+        body.append([label, str(len(runs)), *(_cell(runs, c)[0] for c in columns),
+                     f"{up:.2f}", f"{up / base:.2f}", f"{down:.2f}"])
+    header = ["encoding", "seeds", *(COLUMNS[c][1] for c in columns), "MB up", "of `none`", "MB down"]
+    return _table(header, body) + src.caption()
+
+
+def vetting(dataset: str) -> Callable[[], str]:
+    """`pmafl-teacher vet`'s verdict on backdoored and clean teachers (bench/vet_teachers.py)."""
+    def render() -> str:
+        src = Sources()
+        rows = sorted(src.file(f"robustkd-{dataset}/vet.json"),
+                      key=lambda r: (r["teacher"] != "backdoored", r["seed"]))
+        body = []
+        for r in rows:
+            norms = r["norms"]
+            smallest = min(range(len(norms)), key=norms.__getitem__)
+            median = statistics.median(norms)
+            detox = (f"{len(r['channels'])}, {r['detox_clean_acc']:.3f} / {r['detox_asr']:.3f}"
+                     if "detox_asr" in r else "-")
+            body.append([f"{r['teacher']}, seed {r['seed']}", f"{r['clean_acc']:.3f}", f"{r['asr']:.3f}",
+                         f"{norms[smallest]:.1f} ({smallest})", f"{median:.1f}",
+                         f"{norms[smallest] / median:.3f}", f"{r['anomaly_index']:.2f}",
+                         "yes" if r["anomaly_index"] > 2 else "no", "yes" if r["flagged"] else "no", detox])
+        header = ["teacher", "clean acc", "trigger's ASR", "smallest mask (class)", "median class",
+                  "ratio", "anomaly index", "index > 2", "flagged", "detoxified: channels, clean acc / ASR"]
+        return _table(header, body) + src.caption()
+    return render
+
+
+def overview() -> str:
+    """The README's one table: every method on both datasets, clean, PGD-20 and AutoAttack."""
+    src = Sources()
+    rows = [("Fashion-MNIST", f"`{m}`", "fashion-mnist", m)
+            for m in ("ce", "pgd-at", "fat", "trades", "mart", "calfat", "pmafl")]
+    rows.append(("Fashion-MNIST", "`pmafl` + KDIGA (`kdiga-weight=1`)", "kdiga-fashion/weight1", "pmafl"))
+    rows += [("digits", f"`{m}`", "digits", m) for m in ("ce", "pgd-at", "trades", "pmafl")]
+    columns = ("clean", "pgd20", "aa")
+    body = []
+    for data in ("Fashion-MNIST", "digits"):
+        group = [r for r in rows if r[0] == data]
+        cells = [[_cell(src.runs(folder, m), c) for c in columns] for _, _, folder, m in group]
+        body += [[data, label, *row] for (_, label, _, _), row in zip(group, _bold_best(cells, columns),
+                                                                       strict=True)]
+    return _table(["data", "method", "clean", "PGD-20", "AutoAttack"], body) + src.caption()
+
+
+def single_seed(rows: list[tuple[str, str]], seed: int = 0) -> Callable[[], str]:
+    """One seed of PM-AFL per (label, folder): clean, PGD-20 and AutoAttack of the final model."""
+    def render() -> str:
+        src = Sources()
+        body = []
+        for label, folder in rows:
+            runs = [r for r in src.runs(folder, "pmafl") if r["cell"]["seed"] == seed]
+            if not runs:
+                raise SystemExit(f"docs/results/{folder}: no seed {seed} of pmafl")
+            r = runs[0]
+            body.append([label, *(f"{r[COLUMNS[c][0]]:.3f}" for c in ("clean", "pgd20", "aa"))])
+        return _table(["`--set`", "clean", "PGD-20", "AutoAttack"], body) + src.caption()
+    return render
+
+
+def step_time(name: str) -> Callable[[], str]:
+    """bench/step_time.py's milliseconds per local step and their ratio to a PGD-10 PGD-AT step."""
+    def render() -> str:
+        src = Sources()
+        record = src.file(f"step-time/{name}.json")
+        body = [[f"`{r['step']}`", f"{r['ms']:.1f}", f"{r['ratio']:.2f}x"] for r in record["steps"]]
+        return (f"{record['setup']}, {record['repeats']} repeats:\n\n"
+                + _table(["step", "ms", "of a PGD-10 PGD-AT step"], body) + src.caption())
+    return render
+
+
+def deployment_speed() -> str:
+    """bench/deployment.py's medians over rounds 2 and later: warm and cold deployment, simulation."""
+    src = Sources()
+    record = src.file("deployment/3-nodes.json")
+    m, torch_s = record["medians"], record["import_torch_seconds"]
+    kinds = [k for k in ("deployment", "cold-deployment", "simulation") if k in m]
+    names = {"deployment": "deployment, warm worker", "cold-deployment": "deployment, cold",
+             "simulation": "simulation"}
+    sim = m["simulation"]["round"]
+    body = [["seconds per round", *(f"{m[k]['round']:.2f}" for k in kinds)],
+            ["round time / simulation's", *(f"{m[k]['round'] / sim:.2f}" for k in kinds)],
+            ["overhead per round beyond the slowest node's compute",
+             *(f"{m[k]['overhead']:.2f}" for k in kinds)],
+            ["ClientApp start-up to its first training step, beyond `import torch`",
+             *(f"{m[k]['startup'] - torch_s:.2f}" if k != "simulation" else "-" for k in kinds)]]
+    return (f"{record['nodes']} nodes, {record['rounds']} rounds, {record['cpus']} CPU cores; a fresh "
+            f"`import torch` took {torch_s:.2f} s:\n\n"
+            + _table(["median, rounds 2 and later", *(names[k] for k in kinds)], body) + src.caption())
+
+
+def fedftg_cost() -> str:
+    """FedFTG's server time per round (medians over rounds), against the slowest client's own
+    training (what a round costs when clients train in parallel) and the whole simulated round."""
+    src = Sources()
+    body = []
+    for label, method in (("`ce` (FedAvg) + `fedftg`", "ce+fedftg"), ("`pmafl` + `fedftg`", "pmafl+fedftg"),
+                          ("`pmafl` + `fedftg-robust`", "pmafl+fedftg-robust")):
+        for r in src.runs("fedftg-cost-digits", method):
+            rounds = [x for x in r["rounds"] if x.get("fedftg_seconds")]
+            med = statistics.median
+            body.append([label, str(r["cell"]["seed"]), f"{med(x['fedftg_seconds'] for x in rounds):.2f} s",
+                         f"{med(x['fedftg_seconds'] / x['train_compute_seconds'] for x in rounds):.2f}x",
+                         f"{med(x['fedftg_seconds'] / x['round_seconds'] for x in rounds):.2f}"])
+    return _table(["around", "seed", "FedFTG per round", "/ slowest client's training", "/ round"],
+                  body) + src.caption()
+
+
+def scale() -> str:
+    """bench/scale.py: the median round time and peak Ray-worker memory, few nodes against many."""
+    src = Sources()
+    record = src.file("scale/10-vs-100.json")
+    body = []
+    for key, nodes in (("small", record["small"]), ("large", record["large"])):
+        r = record["runs"][key]
+        body.append([str(nodes), str(record["small"]), f"{r['round']:.2f}", f"{r['first_round']:.1f}",
+                     f"{r['memory'] / 2**20:,.0f} MiB ({r['workers']} workers at most)"])
+    small, large = record["runs"]["small"], record["runs"]["large"]
+    return (f"{record['per_node']} training examples per node (IID), {record['rounds']} rounds, "
+            f"{record['cpus']} CPU cores; the large run's round time is "
+            f"{large['round'] / small['round']:.2f}x the small one's:\n\n"
+            + _table(["nodes", "per round", "median round time (s), rounds 2 and later", "round 1 (s)",
+                      "peak memory of one Ray worker"], body) + src.caption())
+
+
+def evaluation() -> str:
+    """One `pmafl-evaluate` report: every attack's accuracy, then the PGD-20 eps sweep."""
+    src = Sources()
+    r = src.file("evaluation/digits-pmafl-seed0.json")
+    names = [("clean_acc", "clean"), ("fgsm_acc", "FGSM"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW_inf"),
+             ("autoattack_acc", f"AutoAttack ({r.get('autoattack_n', '-')} images)")]
+    shown = [(key, label) for key, label in names if key in r]
+    sweep = ", ".join(f"{p['eps']:g}: {p['pgd20_acc']:.3f}" for p in r["eps_sweep"])
+    return (_table([label for _, label in shown], [[f"{r[key]:.3f}" for key, _ in shown]])
+            + f"\nPGD-20 eps sweep ({r.get('sweep_n', '-')} images): {sweep}.\n" + src.caption())
 
 
 def hostile(*columns: tuple[str, str]) -> Callable[[], str]:
     """A `bench/hostile.py --table` of these result folders (label, folder under docs/results)."""
-    return lambda: hostile_table([(label, RESULTS / folder) for label, folder in columns])
+    def render() -> str:
+        lines = ["", "Generated by `python bench/report.py` from:"]
+        for _, folder in columns:
+            rows = read_rows(RESULTS / folder)
+            seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
+            lines.append(f"- `docs/results/{folder}` ({rows[0]['dataset']}, {rows[0]['rounds']} rounds, "
+                         f"{rows[0]['eval_examples']:,} test images; seed {seeds}): "
+                         f"`{GRIDS[folder]} --out docs/results/{folder}`")
+        table = hostile_table([(label, RESULTS / folder) for label, folder in columns])
+        return table + "\n".join(lines) + "\n"
+    return render
 
 
 def honest_cost() -> str:
-    """The default defences (clip 2, weight cap 1) against none, with no attacker: 3 seeds each,
-    from `bench/compare.py` grids (the final model's clean, PGD-20 and AutoAttack accuracy)."""
-    rows = [("digits", "default (clip 2, cap 1)", "defaults-digits"),
+    """The default defences (clip 2, weight cap 1) against none, with no attacker."""
+    src = Sources()
+    rows = [("digits", "default (clip 2, cap 1)", "digits"),
             ("digits", "`clip-factor=0 weight-cap=0`", "nodefence-digits"),
             ("Fashion-MNIST", "default (clip 2, cap 1)", "defaults-fashion"),
             ("Fashion-MNIST", "`clip-factor=0 weight-cap=0` (before issue 37)", "fashion-mnist")]
-    lines = ["| data | config | seeds | clean | PGD-20 | AutoAttack | result files |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    body = []
     for data, label, folder in rows:
-        finals = [json.loads(p.read_text())
-                  for p in sorted((RESULTS / folder / "runs").glob("pmafl_alpha*_seed*/final.json"))]
-        cells = [mean_std([f[key] for f in finals]) for key in ("clean_acc", "pgd20_acc", "autoattack_acc")]
-        lines.append(f"| {data} | {label} | {len(finals)} | " + " | ".join(cells)
-                     + f" | `docs/results/{folder}` |")
-    return "\n".join(lines) + "\n"
+        runs = src.runs(folder, "pmafl")
+        body.append([data, label, str(len(runs)), *(_cell(runs, c)[0] for c in ("clean", "pgd20", "aa"))])
+    return _table(["data", "config", "seeds", "clean", "PGD-20", "AutoAttack"], body) + src.caption()
+
+
+FEDFTG_ROWS = [("`ce` (FedAvg)", "ce"), ("`ce` + `fedftg`", "ce+fedftg"), ("`pgd-at`", "pgd-at"),
+               ("`pgd-at` + `fedftg`", "pgd-at+fedftg"),
+               ("`pgd-at` + `fedftg-robust`", "pgd-at+fedftg-robust"),
+               ("`pmafl`", "pmafl"), ("`pmafl` + `fedftg`", "pmafl+fedftg"),
+               ("`pmafl` + `fedftg-robust`", "pmafl+fedftg-robust")]
+FASHION_METHODS = ["ce", "pgd-at", "fat", "trades", "mart", "calfat", "pmafl"]
+
+
+def _kdiga(data: str, pmafl_folder: str) -> list[tuple[str, str, str]]:
+    return [("plain KD (`kdiga`, weight 0)", f"kdiga-{data}/weight0", "kdiga"),
+            ("`kdiga`, weight 3", f"kdiga-{data}/weight3", "kdiga"),
+            ("`pmafl`", pmafl_folder, "pmafl"),
+            ("`pmafl` + `kdiga-weight=1`", f"kdiga-{data}/weight1", "pmafl")]
+
+
+def _robustkd(data: str) -> list[tuple[str, str, str]]:
+    return [("no teacher: `pgd-at`", f"robustkd-{data}/backdoor", "pgd-at"),
+            ("backdoored teacher: `pmafl`", f"robustkd-{data}/backdoor", "pmafl"),
+            ("backdoored teacher: `pmafl` + RobustKD", f"robustkd-{data}/backdoor-robustkd", "pmafl")]
 
 
 TABLES: dict[str, Callable[[], str]] = {
-    "hostile-readme": hostile(("digits", "hostile-digits"), ("Fashion-MNIST", "hostile-fashion")),
+    "overview": overview,
+    "digits": grid([("`ce` (FedAvg)", "digits", "ce"), ("`pgd-at` (FedAvg + PGD-AT)", "digits", "pgd-at"),
+                    ("`trades` (beta 6)", "digits", "trades"), ("`pmafl` (the default)", "digits", "pmafl")]),
+    "fashion": warnings_grid("fashion-mnist", FASHION_METHODS),
+    "fashion-seeds": per_seed("fashion-mnist", FASHION_METHODS),
+    "fedftg-digits": grid([(label, "fedftg-digits", m) for label, m in FEDFTG_ROWS]),
+    "fedftg-fashion": grid([(label, "fedftg-fashion", m) for label, m in FEDFTG_ROWS]),
+    "fedftg-fashion-change": paired([
+        (f"`{ft}` around `{base}`", ("fedftg-fashion", f"{base}+{ft}"), ("fedftg-fashion", base))
+        for base, ft in (("ce", "fedftg"), ("pgd-at", "fedftg"), ("pgd-at", "fedftg-robust"),
+                         ("pmafl", "fedftg"), ("pmafl", "fedftg-robust"))]),
+    "kdiga-digits": grid(_kdiga("digits", "kdiga-digits/weight0"), first="run", teacher="digits"),
+    "kdiga-fashion": grid(_kdiga("fashion", "fashion-mnist"), first="run", teacher="fashion-mnist"),
+    "kdiga-fashion-change": paired([
+        ("alignment weight 3 on plain KD", ("kdiga-fashion/weight3", "kdiga"),
+         ("kdiga-fashion/weight0", "kdiga")),
+        ("`kdiga-weight=1` on PM-AFL", ("kdiga-fashion/weight1", "pmafl"), ("fashion-mnist", "pmafl"))]),
+    "robustkd-vet-digits": vetting("digits"),
+    "robustkd-vet-fashion": vetting("fashion"),
+    "robustkd-digits": grid(_robustkd("digits") + [
+        ("clean teacher: `pmafl`", "robustkd-digits/clean", "pmafl"),
+        ("clean teacher: `pmafl` + RobustKD", "robustkd-digits/clean-robustkd", "pmafl")],
+        columns=(*ALL, "asr"), first="run"),
+    "robustkd-unstamped": grid([("backdoored teacher, clean client images: `pmafl`",
+                                 "robustkd-digits/backdoor-unstamped", "pmafl"),
+                                ("clean teacher: `pmafl` (the digits grid)", "digits", "pmafl")],
+                               columns=("clean", "pgd20", "aa", "asr"), first="run", bold=False),
+    "robustkd-fashion": grid(_robustkd("fashion"), columns=(*ALL, "asr"), first="run"),
+    "compression": compression,
+    "ablation-digits": single_seed([("(none: lambda 0.01, grad-clip 5, tau 1)", "digits"),
+                                    *((ABLATIONS[n].replace("--set ", ""), f"ablation-digits/{n}")
+                                      for n in ABLATIONS)]),
+    "fast-at-digits": grid([("`pmafl`, PGD-10 (the default)", "digits", "pmafl"),
+                            ("`pmafl`, FGSM-RS", "fgsm-rs-digits", "pmafl"),
+                            ("`pgd-at`, PGD-10", "digits", "pgd-at"),
+                            ("`pgd-at`, FGSM-RS", "fgsm-rs-digits", "pgd-at")],
+                           columns=("clean", "pgd20", "aa", "worst"), first="run", bold=False),
+    "step-time": step_time("cpu-28x28"),
+    "fedftg-cost": fedftg_cost,
+    "deployment-speed": deployment_speed,
+    "scale": scale,
+    "evaluation": evaluation,
     "hostile-digits": hostile(("default", "hostile-digits"), ("weight-cap 4", "hostile-digits-cap4"),
                               ("median", "hostile-digits-median"),
                               ("trimmed-mean", "hostile-digits-trimmed-mean"),

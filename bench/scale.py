@@ -17,6 +17,8 @@ then the ratio large / small of the median round time, measured in this run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -80,7 +82,8 @@ def simulate(nodes: int, participants: int, base: Path, args: argparse.Namespace
     later = rows[1:] or rows  # round 1 pays Ray's start-up
     print(f"peak memory of one Ray worker: {memory.peak / 2**20:.0f} MiB "
           f"({memory.workers} workers at most)")
-    return {"round": statistics.median(r["round_seconds"] for r in later), "memory": memory.peak}
+    return {"round": statistics.median(r["round_seconds"] for r in later), "memory": memory.peak,
+            "workers": memory.workers, "first_round": rows[0]["round_seconds"] if rows else 0.0}
 
 
 def main() -> None:
@@ -95,6 +98,7 @@ def main() -> None:
                         help="a run-config override for both runs, TOML value syntax; repeatable")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per flwr run")
     parser.add_argument("--keep", action="store_true", help="keep the logs' folder")
+    parser.add_argument("--out", type=Path, help="also write the medians as JSON (docs/results/...)")
     args = parser.parse_args()
     if not 0 < args.small <= args.large:
         parser.error(f"--small must be in [1, --large], got {args.small}")
@@ -109,6 +113,12 @@ def main() -> None:
           f"nodes, {large['round']:.2f} s with {args.large} nodes at {args.small} per round")
     print(f"  large / small round time: {large['round'] / small['round']:.2f}")
     print(f"  large / small peak Ray worker memory: {large['memory'] / max(small['memory'], 1):.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"small": args.small, "large": args.large, "per_node": args.per_node,
+                  "rounds": args.rounds, "overrides": args.set, "cpus": os.cpu_count(),
+                  "runs": {"small": small, "large": large}}
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the times as JSON (docs/results/step-time/...)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where the steps run (default: auto, CUDA when present)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -94,9 +97,11 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {torch.get_num_threads()} threads")
     layout = ", channels-last" if args.channels_last else ""
-    print(f"{args.model} on {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"teacher {args.teacher}, torch {torch.__version__}, {where}, {args.precision}{layout}")
+    setup = (f"{args.model} on {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
+             f"teacher {args.teacher}, torch {torch.__version__}, {where}, {args.precision}{layout}")
+    print(setup)
     reference = times[("pgd-at", "pgd", 0.0)]
+    rows = []
     for (obj, attack, kdiga_weight), seconds in times.items():
         attack_name = f"PGD-{args.pgd_steps}" if attack == "pgd" else "FGSM-RS"
         label = obj if obj in ("ce", "kdiga") else f"{obj} ({attack_name})"
@@ -104,6 +109,11 @@ def main() -> None:
             label = f"{obj} + KDIGA ({attack_name})"
         print(f"{label:>20}: {seconds * 1000:8.2f} ms/step  {args.batch / seconds:9.0f} images/s  "
               f"({seconds / reference:.2f} x PGD-{args.pgd_steps} AT)")
+        rows.append({"step": label, "ms": round(seconds * 1000, 2), "ratio": round(seconds / reference, 3)})
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"setup": setup, "repeats": args.repeats, "steps": rows}
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

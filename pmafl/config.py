@@ -39,8 +39,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # - train-attack / teacher-attack: PGD-10 where a CPU affords it (8x8 digits), FGSM with random
 #   start on 28x28 Fashion-MNIST, about 5x cheaper per step.
 # - public-fraction, max-train-examples, eval-examples, teacher-epochs: sized so that on 2 CPU
-#   cores a teacher pre-trains in about 15 minutes and a 10-client federation of 30 rounds in about
-#   10 (0: all images).
+#   cores a teacher pre-trains in minutes (pretrain_seconds in docs/results/robustkd-*/vet.json)
+#   and a 10-client federation of 30 rounds fits a session (0: all images).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"eps": 0.2, "train-attack": "pgd", "teacher-attack": "pgd", "teacher-epochs": 60,
                "public-fraction": 0.3, "max-train-examples": 0, "eval-examples": 0},

@@ -1,4 +1,4 @@
-"""The README's plug-in example, run exactly as written: an existing Flower app adopting the
+"""The plug-in example of docs/plugin.md, run exactly as written: an existing Flower app adopting the
 PMAFL strategy and `pmafl_train`, driven through an in-process grid."""
 
 import re
@@ -11,18 +11,18 @@ from inprocess import InProcessGrid
 from pmafl.models import create_model
 from pmafl.teacher import save_teacher
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "plugin.md"
 
 
-def readme_example() -> str:
-    text = README.read_text()
+def page_example() -> str:
+    text = PAGE.read_text()
     match = re.search(r"<!-- plugin-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its plug-in example"
+    assert match, "docs/plugin.md lost its plug-in example"
     return match.group(1)
 
 
-def test_readme_plugin_example_runs(tmp_path, monkeypatch):
-    (tmp_path / "my_app.py").write_text(readme_example())
+def test_plugin_example_runs(tmp_path, monkeypatch):
+    (tmp_path / "my_app.py").write_text(page_example())
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_app", None)
     import my_app

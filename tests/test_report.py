@@ -1,10 +1,28 @@
-"""The generated results tables in README.md and docs/ match the committed result files."""
+"""The generated results tables in README.md and docs/ match the committed result files, and no
+results table is written by hand."""
+
+import json
+import re
 
 import report
+
+# An accuracy as the tables print it: 0.xxx or 1.000.
+ACCURACY = re.compile(r"(?<![\d.])[01]\.\d{3}(?![\d])")
 
 
 def test_every_generated_table_matches_the_committed_results(capsys):
     assert report.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_no_results_table_is_written_by_hand():
+    """A table of accuracies outside `<!-- table: NAME -->` markers would drift from its data."""
+    by_hand = []
+    for path in report.DOCS:
+        text = report._BLOCK.sub("", path.read_text())
+        for block in re.findall(r"(?:^ *\|.*\n)+", text, re.M):
+            if ACCURACY.search(block):
+                by_hand.append(f"{path.relative_to(report.ROOT)}: {block.splitlines()[0][:80]}")
+    assert not by_hand, "results tables outside the generator's markers:\n" + "\n".join(by_hand)
 
 
 def test_a_table_that_drifted_from_its_data_is_found(tmp_path, monkeypatch):
@@ -17,3 +35,38 @@ def test_a_table_that_drifted_from_its_data_is_found(tmp_path, monkeypatch):
     assert report.main(["--check"]) == 1
     assert report.main([]) == 0
     assert doc.read_text() == f"text\n<!-- table: defaults-cost -->\n{real}<!-- /table -->\nmore\n"
+
+
+def _cell(root, folder, method, seed, **values):
+    path = root / folder / "runs" / f"{method}_alpha0.5_seed{seed}" / "final.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"cell": {"method": method, "alpha": 0.5, "seed": seed}, "dataset": "digits",
+                                "num_examples": 359, "autoattack_n": 200, **values}))
+
+
+def test_grid_and_paired_tables_against_hand_computed_values(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setitem(report.GRIDS, "g", "python bench/compare.py --methods a,b")
+    _cell(tmp_path, "g", "a", 0, clean_acc=0.70, autoattack_acc=0.40)
+    _cell(tmp_path, "g", "a", 1, clean_acc=0.80, autoattack_acc=0.30)
+    _cell(tmp_path, "g", "b", 0, clean_acc=0.90, autoattack_acc=0.10)
+    _cell(tmp_path, "g", "b", 1, clean_acc=0.60, autoattack_acc=0.20)
+    text = report.grid([("A", "g", "a"), ("B", "g", "b")], columns=("clean", "aa"))()
+    # a: mean 0.75, sample std sqrt(((0.05)^2 * 2) / 1) = 0.0707; b: 0.75 and 0.2121; AA 0.35 / 0.15
+    assert "| A | 2 | **0.750 ± 0.071** | **0.350 ± 0.071** |" in text
+    assert "| B | 2 | **0.750 ± 0.212** | 0.150 ± 0.071 |" in text
+    assert "- `docs/results/g` (digits, 359 test images, AutoAttack on the first 200; seeds 0, 1): " \
+           "`python bench/compare.py --methods a,b --out docs/results/g`" in text
+    changes = report.paired([("b - a", ("g", "b"), ("g", "a"))], columns=("clean", "aa"))()
+    # clean: +20 and -20 points, mean 0; AA: -30 and -10, mean -20
+    assert "| b - a | 0, 1 | +0.0 (+20.0, -20.0) | -20.0 (-30.0, -10.0) |" in changes
+
+
+def test_a_missing_cell_is_an_error_naming_folder_and_method(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    try:
+        report.grid([("A", "nowhere", "pmafl")])()
+    except SystemExit as e:
+        assert "docs/results/nowhere" in str(e) and "'pmafl'" in str(e)
+    else:
+        raise AssertionError("a table of missing data was written")
