@@ -111,12 +111,14 @@ class Sources:
     def __init__(self) -> None:
         self.used: dict[str, list[dict[str, Any]]] = {}
 
-    def runs(self, folder: str, method: str) -> list[dict[str, Any]]:
-        """The final.json of every seed of `method` in the grid `folder`, by seed."""
+    def runs(self, folder: str, method: str, seed: int | None = None) -> list[dict[str, Any]]:
+        """The final.json of every seed (or of `seed`) of `method` in the grid `folder`, by seed."""
         paths = sorted((RESULTS / folder / "runs").glob(f"{method}_alpha*_seed*/final.json"))
-        if not paths:
-            raise SystemExit(f"docs/results/{folder}: no finished cell of method '{method}'")
         runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["cell"]["seed"])
+        runs = [r for r in runs if seed is None or r["cell"]["seed"] == seed]
+        if not runs:
+            raise SystemExit(f"docs/results/{folder}: no finished cell of method '{method}'"
+                             + (f" with seed {seed}" if seed is not None else ""))
         self.used.setdefault(folder, []).extend(runs)
         return runs
 
@@ -314,10 +316,7 @@ def single_seed(rows: list[tuple[str, str]], seed: int = 0) -> Callable[[], str]
         src = Sources()
         body = []
         for label, folder in rows:
-            runs = [r for r in src.runs(folder, "pmafl") if r["cell"]["seed"] == seed]
-            if not runs:
-                raise SystemExit(f"docs/results/{folder}: no seed {seed} of pmafl")
-            r = runs[0]
+            r = src.runs(folder, "pmafl", seed)[0]
             body.append([label, *(f"{r[COLUMNS[c][0]]:.3f}" for c in ("clean", "pgd20", "aa"))])
         return _table(["`--set`", "clean", "PGD-20", "AutoAttack"], body) + src.caption()
     return render

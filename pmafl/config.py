@@ -37,7 +37,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # - eps: the L_inf radius each field uses for the data: 0.3 for MNIST is too easy to reach on 8x8
 #   digits and too hard on Fashion-MNIST, whose literature uses 0.1; 8/255 for 32x32 colour images.
 # - train-attack / teacher-attack: PGD-10 where a CPU affords it (8x8 digits), FGSM with random
-#   start on 28x28 Fashion-MNIST, about 5x cheaper per step.
+#   start on 28x28 Fashion-MNIST: a fifth of a PGD-10 step for PGD-AT, half for PM-AFL
+#   (docs/results/step-time/cpu-28x28.json).
 # - public-fraction, max-train-examples, eval-examples, teacher-epochs: sized so that on 2 CPU
 #   cores a teacher pre-trains in minutes (pretrain_seconds in docs/results/robustkd-*/vet.json)
 #   and a 10-client federation of 30 rounds fits a session (0: all images).
