@@ -142,10 +142,11 @@ def report(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table(columns: list[tuple[str, Path]]) -> str:
-    """One markdown table of several result folders, a column each: final clean / PGD-20 of every
-    (attack, hostile nodes) cell, "stopped after N rounds" for a run that did not complete."""
-    found = {label: {(r["attack"], r["hostile"]): r for r in read_rows(folder)} for label, folder in columns}
+def table(columns: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """One markdown table of several result folders' rows (`read_rows`), a column each: final
+    clean / PGD-20 of every (attack, hostile nodes) cell, "stopped after N rounds" for a run that
+    did not complete."""
+    found = {label: {(r["attack"], r["hostile"]): r for r in rows} for label, rows in columns}
     order = {name: i for i, name in enumerate(ATTACKS)}
     cells = sorted({cell for rows in found.values() for cell in rows}, key=lambda c: (order[c[0]], c[1]))
     lines = ["| attack | hostile of 10 | " + " | ".join(label for label, _ in columns) + " |",
@@ -183,7 +184,7 @@ def main_cli() -> None:
                         help="print one table of these result folders (a column each) and exit")
     args = parser.parse_args()
     if args.table:
-        print(table([(label, Path(folder)) for label, folder in
+        print(table([(label, read_rows(Path(folder))) for label, folder in
                      (item.rsplit("=", 1) for item in args.table)]), end="")
         return
     # One process trains all ten nodes in turn: one torch thread is as fast on an idle 2-core
