@@ -8,8 +8,9 @@ cd "$(dirname "$0")"
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   echo "Setting up .venv (first time: a few minutes)..."
   python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # No wheel cache: torch's CUDA build alone is gigabytes, and a cached copy doubles the disk it needs.
+  .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip
+  .venv/bin/python -m pip install -q --no-cache-dir -e ".[test]"
   # torch and torchvision wheels must match; this import fails when they do not.
   .venv/bin/python -c "import torchvision.ops"
   touch .venv/.installed
