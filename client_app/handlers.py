@@ -25,9 +25,19 @@ from pmafl.compression import encode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import Split, make_loader
 from pmafl.evaluate import evaluate as evaluate_model
-from pmafl.fedftg import LABEL_COUNTS, label_counts
+from pmafl.fedftg import label_counts
 from pmafl.kdiga import teacher_input_gradients
 from pmafl.objectives import needs_teacher
+from pmafl.protocol import (
+    ARRAYS,
+    COMPUTE_SECONDS,
+    CONFIG,
+    LABEL_COUNTS,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    STARTUP_SECONDS,
+)
 from pmafl.robustkd import FeatureDistiller
 from pmafl.task import (
     NodeData,
@@ -38,7 +48,7 @@ from pmafl.task import (
     node_data_key,
     resolve_device,
 )
-from pmafl.train import COMPUTE_SECONDS, STARTUP_SECONDS, pmafl_train
+from pmafl.train import pmafl_train
 
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
 # progress) in the run's log stream.
@@ -128,7 +138,7 @@ def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.
 def _received_model(content: RecordDict, cfg: RunConfig, data: NodeData, device: torch.device
                     ) -> torch.nn.Module:
     model = build_model(cfg, data)
-    model.load_state_dict(content["arrays"].to_torch_state_dict())
+    model.load_state_dict(content[ARRAYS].to_torch_state_dict())
     return model.to(device)
 
 
@@ -139,7 +149,7 @@ def _update(context: Context, model: torch.nn.Module, content: RecordDict, train
     residual = None
     if "compression-residual" in context.state:
         residual = context.state["compression-residual"].to_torch_state_dict()
-    received = content["arrays"].to_torch_state_dict()
+    received = content[ARRAYS].to_torch_state_dict()
     encoded, residual = encode_update(model.state_dict(), received, train_config.update_compression,
                                       train_config.topk_fraction, residual)
     if residual:
@@ -151,8 +161,8 @@ def train(content: RecordDict, context: Context, process_start: float | None = N
     """Local training of the received global model on this node's partition."""
     _set_threads(context)
     cfg = RunConfig.from_mapping(context.run_config)
-    train_config = TrainConfig.from_mapping(content["config"])
-    server_round = int(content["config"].get("server-round", 0))
+    train_config = TrainConfig.from_mapping(content[CONFIG])
+    server_round = int(content[CONFIG].get(SERVER_ROUND, 0))
     partition_id, _ = _node_partition(context)
     device = resolve_device(cfg.device)
     data = _node_data(context, cfg)
@@ -179,11 +189,11 @@ def train(content: RecordDict, context: Context, process_start: float | None = N
     seconds = time.perf_counter() - start
     if features is not None:
         context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
-    if content["config"].get(LABEL_COUNTS):  # FedFTG weighs client models by class
+    if content[CONFIG].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
     metrics.update({COMPUTE_SECONDS: seconds, **startup})
-    return RecordDict({"arrays": _update(context, model, content, train_config),
-                       "metrics": MetricRecord(metrics)})
+    return RecordDict({ARRAYS: _update(context, model, content, train_config),
+                       METRICS: MetricRecord(metrics)})
 
 
 def evaluate(content: RecordDict, context: Context, process_start: float | None = None) -> RecordDict:
@@ -191,21 +201,21 @@ def evaluate(content: RecordDict, context: Context, process_start: float | None 
     test split resampled to this node's class proportions)."""
     _set_threads(context)
     cfg = RunConfig.from_mapping(context.run_config)
-    train_config = TrainConfig.from_mapping(content["config"])
+    train_config = TrainConfig.from_mapping(content[CONFIG])
     partition_id, _ = _node_partition(context)
     device = resolve_device(cfg.device)
     data = _node_data(context, cfg)
     images, labels = data.test.tensors()
     model = _received_model(content, cfg, data, device)
-    torch.manual_seed(client_seed(cfg.seed, int(content["config"].get("server-round", 0)),
+    torch.manual_seed(client_seed(cfg.seed, int(content[CONFIG].get(SERVER_ROUND, 0)),
                                   partition_id))
     startup = _startup_seconds(process_start)
     start = time.perf_counter()
     scores = evaluate_model(model, images, labels, train_config.eps, cfg.eval_steps,
                             cfg.batch_size * 8)
-    metrics = MetricRecord({**scores, "num-examples": len(labels),
+    metrics = MetricRecord({**scores, NUM_EXAMPLES: len(labels),
                             COMPUTE_SECONDS: time.perf_counter() - start, **startup})
-    return RecordDict({"metrics": metrics})
+    return RecordDict({METRICS: metrics})
 
 
 HANDLERS = {"train": train, "evaluate": evaluate}

@@ -24,9 +24,10 @@ from pmafl.attacks.pgd import ATTACK_LOSSES
 from pmafl.backdoor import POSITIONS
 from pmafl.compression import COMPRESSIONS
 from pmafl.data import DATASETS
-from pmafl.fedftg import LABEL_COUNTS, VARIANTS
+from pmafl.fedftg import VARIANTS
 from pmafl.models import is_known_model, model_names
 from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
+from pmafl.protocol import LABEL_COUNTS, SERVER_ROUND
 from pmafl.robustkd import FEATURE_STAGES
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -184,7 +185,7 @@ class TrainConfig:
     def from_mapping(cls, values: Mapping[str, Any], where: str = "train config") -> TrainConfig:
         """Validate a flat mapping (a ConfigRecord's items); Flower's `server-round` and FedFTG's
         request for label counts are ignored."""
-        return _build(cls, values, where, ignore=("server-round", LABEL_COUNTS))
+        return _build(cls, values, where, ignore=(SERVER_ROUND, LABEL_COUNTS))
 
     def to_record(self) -> dict[str, Any]:
         """Flat `key: value` mapping, ready for a Flower ConfigRecord."""

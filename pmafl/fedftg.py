@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from pmafl.config import TrainConfig
 
 VARIANTS = ("fedftg", "fedftg-robust")
-# The train-config flag that asks clients for their label counts, and the reply metric holding them.
-LABEL_COUNTS = "label-counts"
 
 
 def label_counts(labels: torch.Tensor, num_classes: int) -> list[int]:

@@ -19,15 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pmafl.config import TrainConfig
 from pmafl.kdiga import gradient_alignment, input_gradient
 from pmafl.objectives import OBJECTIVES, StepContext
+from pmafl.protocol import NUM_EXAMPLES
 from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller, architecture
-
-# The metric in which a ClientApp reports the time of its local training or evaluation itself
-# (seconds): the round loop keeps the slowest and takes it out of the metrics.
-COMPUTE_SECONDS = "compute-seconds"
-# ... and, in the first reply of a fresh process, the seconds from that process's start to the
-# start of that compute: interpreter, imports, loading data and teacher (the ClientApp's start-up).
-STARTUP_SECONDS = "startup-seconds"
-
 
 # The add-on terms the training loop adds to any distilling objective: {term: TrainConfig weight}.
 ADD_ON_TERMS = {"loss-ga": "kdiga_weight", "loss-feat": "robustkd_weight"}
@@ -40,7 +33,7 @@ def train_metric_names(config: TrainConfig) -> frozenset[str]:
     objective = OBJECTIVES[config.objective]
     config = dataclasses.replace(config, **objective.overrides)
     weighted = {**objective.weighted_terms, **ADD_ON_TERMS}
-    return frozenset({"loss", *objective.terms, "num-examples",
+    return frozenset({"loss", *objective.terms, NUM_EXAMPLES,
                       *(term for term, weight in weighted.items() if getattr(config, weight) > 0)})
 
 
@@ -143,5 +136,5 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
                 sums[name] += value.item() * len(x)
             seen += len(x)
     metrics = {name: total / max(seen, 1) for name, total in sums.items()}
-    metrics["num-examples"] = len(loader.dataset)
+    metrics[NUM_EXAMPLES] = len(loader.dataset)
     return metrics

@@ -18,7 +18,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
-from pmafl.fedftg import LABEL_COUNTS, FedFTGServer
+from pmafl.fedftg import FedFTGServer
+from pmafl.protocol import LABEL_COUNTS, NUM_EXAMPLES
 from strategies.strategy_utils import BadReply, RoundLoop, array_specs, canonical_order, screen_reply
 
 
@@ -142,7 +143,7 @@ class FedFTG(RoundLoop, Strategy):
         average) whose label counts are valid, in an order fixed by content (as the base's
         average is): reruns fine-tune bit-identically. A member's counts are scaled to its weight
         in the average: a node whose `num-examples` the base capped weighs no more here."""
-        weighted_by_key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        weighted_by_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES)
         if hasattr(self.strategy, "aggregated"):
             averaged = self.strategy.aggregated
         else:

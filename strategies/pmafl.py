@@ -18,6 +18,7 @@ from flwr.supercore import log
 from pmafl.compression import decode_update
 from pmafl.config import AGGREGATIONS, TrainConfig
 from pmafl.evaluate import SCORES
+from pmafl.protocol import SERVER_ROUND
 from pmafl.train import train_metric_names, warmup_eps
 from strategies.strategy_utils import (
     BadReply,
@@ -257,7 +258,7 @@ class PMAFL(RoundLoop, FedAvg):
         fraction = self.fraction_train if stage == "train" else self.fraction_evaluate
         least = self.min_train_nodes if stage == "train" else self.min_evaluate_nodes
         nodes = self._sample(server_round, stage, grid, fraction, least)
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         message_type = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
         self._sampled[stage] = nodes

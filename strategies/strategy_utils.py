@@ -18,7 +18,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore import log
 
 from pmafl.config import AGGREGATIONS
-from pmafl.train import COMPUTE_SECONDS, STARTUP_SECONDS
+from pmafl.protocol import COMPUTE_SECONDS, STARTUP_SECONDS, TIMING_METRICS
 
 
 class RoundLoop:
@@ -299,8 +299,6 @@ def error_summary(reason: str | None, limit: int = 500) -> str:
 
 
 Specs = dict[str, tuple[tuple[int, ...], str]]
-# Metrics a reply may carry besides the ones the round expects: the round loop takes them out.
-TIMING_METRICS = frozenset({COMPUTE_SECONDS, STARTUP_SECONDS})
 # A reply's `num-examples` above this is no count of images (and no longer exact as a float).
 MAX_NUM_EXAMPLES = 2**53
 
