@@ -160,7 +160,7 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
     final = {"cell": cell.__dict__, "results": str(results), **suite,
              "fed_pgd_acc": last.get("fed_pgd_acc"), "fed_worst_pgd_acc": last.get("fed_worst_pgd_acc"),
              "overfitting_warnings": [r["warning"] for r in rounds if r.get("warning")],
-             # Payload bytes over the whole run (strategy_utils.payload_bytes): server to clients
+             # Payload bytes over the whole run (strategies.round_loop.payload_bytes): server to clients
              # and back.
              "bytes_sent": sum(r.get("bytes_sent", 0) for r in rounds),
              "bytes_received": sum(r.get("bytes_received", 0) for r in rounds),

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from pmafl.assembly import resolve_device
 from pmafl.config import DEVICES, TrainConfig
 from pmafl.data import make_loader
 from pmafl.kdiga import teacher_input_gradients
 from pmafl.models import create_model
-from pmafl.task import resolve_device
-from pmafl.train import pmafl_train
+from pmafl.train import train_model
 
 
 def _synchronize(device: torch.device) -> None:
@@ -61,11 +61,11 @@ def time_objective(objective: str, attack: str, kdiga_weight: float, args: argpa
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
     with autocast:
-        pmafl_train(model, teacher, loader, config)  # warm-up
+        train_model(model, teacher, loader, config)  # warm-up
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(args.repeats):
-            pmafl_train(model, teacher, loader, config)
+            train_model(model, teacher, loader, config)
         _synchronize(device)
     return (time.perf_counter() - start) / (args.repeats * batches)
 

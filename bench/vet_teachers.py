@@ -22,12 +22,13 @@ import statistics
 import time
 from pathlib import Path
 
+from pmafl.assembly import backdoor_trigger, eval_split, load_data
 from pmafl.backdoor import attack_success_rate
 from pmafl.config import RunConfig, parse_overrides
+from pmafl.data import SPLIT_SEED
 from pmafl.evaluate import accuracy
 from pmafl.robustkd import VET_IMAGES, VET_STEPS, DetoxifiedTeacher, norm_ratio, vet
-from pmafl.task import SPLIT_SEED, backdoor_trigger, eval_split, load_data, teacher_settings
-from pmafl.teacher import load_teacher, pretrain_teacher, save_teacher, teacher_record
+from pmafl.teacher import TeacherSettings, load_teacher, pretrain_teacher, save_teacher, teacher_record
 
 
 def main() -> None:
@@ -65,7 +66,7 @@ def main() -> None:
     for kind, rate in kinds.items():
         cfg = RunConfig.from_mapping({**overrides, "backdoor-rate": rate}, where="--set")
         data = load_data(cfg)
-        settings = teacher_settings(cfg)
+        settings = TeacherSettings.from_run_config(cfg)
         test_images, test_labels = eval_split(cfg, data).tensors()
         # the trigger whose ASR is measured: the backdoored teachers' own
         trigger = backdoor_trigger(dataclasses.replace(cfg, backdoor_rate=args.backdoor_rate), data)
@@ -75,8 +76,9 @@ def main() -> None:
             if path.is_file():
                 teacher, _ = load_teacher(path, data.num_classes)
             else:
-                teacher = pretrain_teacher(data, settings, seed=seed)
-                save_teacher(teacher, path, {**teacher_record(data, settings), "seed": seed})
+                seeded = dataclasses.replace(settings, seed=seed)
+                teacher = pretrain_teacher(data, seeded)
+                save_teacher(teacher, path, {**teacher_record(data, seeded), "seed": seed})
             pretrain_s = time.time() - start
             images = data.public.tensors()[0][:VET_IMAGES]
             start = time.time()

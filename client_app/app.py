@@ -1,5 +1,5 @@
 """ClientApp: thin wiring from Flower messages to `client_app.handlers` (local training with
-`pmafl.train.pmafl_train`, evaluation with `pmafl.evaluate.evaluate`).
+`pmafl.train.train_model`, evaluation with `pmafl.evaluate.evaluate`).
 
 Node config: `partition-id` and `num-partitions` (filled in by the simulation; set with
 `flower-supernode --node-config` in deployment), and optionally `teacher-cache-dir`,

@@ -21,6 +21,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import FLOWER_LOGGER
 
+from pmafl.assembly import (
+    NodeData,
+    build_model,
+    client_seed,
+    node_data,
+    node_data_key,
+    resolve_device,
+)
 from pmafl.compression import encode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.data import Split, make_loader
@@ -38,17 +46,8 @@ from pmafl.protocol import (
     SERVER_ROUND,
     STARTUP_SECONDS,
 )
-from pmafl.robustkd import FeatureDistiller
-from pmafl.task import (
-    NodeData,
-    build_model,
-    client_seed,
-    get_teacher,
-    node_data,
-    node_data_key,
-    resolve_device,
-)
-from pmafl.train import pmafl_train
+from pmafl.teacher import get_teacher
+from pmafl.train import train_model
 
 # The core logs through `logging` (it imports no Flower); show its records (teacher pre-training
 # progress) in the run's log stream.
@@ -121,18 +120,11 @@ def _teacher_tensors(context: Context, teacher: torch.nn.Module, sha256: str, im
     return [cached["logits"], *([cached["input-grads"]] if input_grads else [])]
 
 
-def _feature_distiller(context: Context, model: torch.nn.Module, teacher: torch.nn.Module,
-                       cfg: RunConfig, images: torch.Tensor, train_config: TrainConfig,
-                       seed: int) -> FeatureDistiller:
-    """RobustKD's feature distiller of this node: its connectors (not part of the global model)
-    carry over from the node's previous round, kept in the node's state."""
-    with torch.random.fork_rng(devices=[]):  # the connectors' first weights: seeded, RNG untouched
-        torch.manual_seed(seed)
-        features = FeatureDistiller.build(model, cfg.model, teacher, cfg.teacher_model,
-                                          images, train_config.robustkd_noise)
-    if "robustkd-connectors" in context.state:
-        features.load_state_dict(context.state["robustkd-connectors"].to_torch_state_dict())
-    return features.to(images.device)
+def _add_on_state(context: Context) -> dict[str, dict[str, torch.Tensor]]:
+    """The state of this node's add-on modules (RobustKD's connectors: trained with the model,
+    not part of the global model), carried over from its previous round in the node's state."""
+    return {key.removeprefix("add-on:"): record.to_torch_state_dict()
+            for key, record in context.state.array_records.items() if key.startswith("add-on:")}
 
 
 def _received_model(content: RecordDict, cfg: RunConfig, data: NodeData, device: torch.device
@@ -180,15 +172,13 @@ def train(content: RecordDict, context: Context, process_start: float | None = N
     seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)
     loader = make_loader(*tensors, batch_size=cfg.batch_size, shuffle=True, seed=seed)
-    features = None
-    if train_config.robustkd_weight > 0:
-        features = _feature_distiller(context, model, teacher, cfg, images.to(device), train_config, seed)
+    add_on_state = _add_on_state(context)
     startup = _startup_seconds(process_start)
     start = time.perf_counter()
-    metrics = pmafl_train(model, teacher, loader, train_config, features)
+    metrics = train_model(model, teacher, loader, train_config, add_on_state)
     seconds = time.perf_counter() - start
-    if features is not None:
-        context.state["robustkd-connectors"] = ArrayRecord(features.cpu().state_dict())
+    for name, state in add_on_state.items():
+        context.state[f"add-on:{name}"] = ArrayRecord(torch_state_dict=state)
     if content[CONFIG].get(LABEL_COUNTS):  # FedFTG weighs client models by class
         metrics[LABEL_COUNTS] = label_counts(labels, data.num_classes)
     metrics.update({COMPUTE_SECONDS: seconds, **startup})

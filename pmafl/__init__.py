@@ -4,6 +4,6 @@ Plain PyTorch; imports no Flower code, so any Flower project or script can reuse
 """
 
 from pmafl.config import ConfigError, RunConfig, TrainConfig
-from pmafl.train import pmafl_train
+from pmafl.train import pmafl_train, train_model
 
-__all__ = ["ConfigError", "RunConfig", "TrainConfig", "pmafl_train"]
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "pmafl_train", "train_model"]

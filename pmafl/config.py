@@ -20,13 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pmafl.attacks import TRAIN_ATTACKS
 from pmafl.attacks.pgd import ATTACK_LOSSES
 from pmafl.backdoor import POSITIONS
 from pmafl.compression import COMPRESSIONS
 from pmafl.data import DATASETS
 from pmafl.fedftg import VARIANTS
 from pmafl.models import is_known_model, model_names
-from pmafl.objectives import OBJECTIVES, TRAIN_ATTACKS, needs_teacher
+from pmafl.objectives import OBJECTIVES, needs_teacher
 from pmafl.protocol import LABEL_COUNTS, SERVER_ROUND
 from pmafl.robustkd import FEATURE_STAGES
 

@@ -22,20 +22,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pmafl.assembly import backdoor_trigger
+from pmafl.attacks import ATTACKS, make_attack
 from pmafl.backdoor import Trigger, attack_success_rate
 from pmafl.config import RunConfig
 from pmafl.data import evaluation_subset, load_dataset
-from pmafl.evaluate import (
-    ATTACKS,
-    accuracy,
-    eps_sweep,
-    gradient_masking_warnings,
-    make_attack,
-    sweep_radii,
-)
-from pmafl.models import create_model
-from pmafl.task import backdoor_trigger
-from pmafl.teacher import settings_trigger
+from pmafl.evaluate import accuracy, eps_sweep, gradient_masking_warnings, sweep_radii
+from pmafl.models import ModelFileError, create_model, load_weights
+from pmafl.teacher import TeacherSettings
 
 
 def saved_settings(model_file: Path) -> dict[str, Any]:
@@ -59,7 +53,7 @@ def saved_settings(model_file: Path) -> dict[str, Any]:
                  "mean": meta.get("mean"), "std": meta.get("std"),
                  "public_fraction": settings.get("public_fraction", 0.3)}
         if "backdoor" in settings:
-            found["trigger"] = settings_trigger(settings)
+            found["trigger"] = TeacherSettings.from_dict(settings, str(record)).trigger()
         return found
     return {}
 
@@ -121,11 +115,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # A teacher normalises as its record says, not as this machine's data would.
     mean, std = settings.get("mean") or data.mean, settings.get("std") or data.std
     model = create_model(settings["model"], data.num_classes, data.in_channels, mean, std)
-    try:  # weights_only: a file that pickles code is refused, never run
-        model.load_state_dict(torch.load(args.model_file, map_location="cpu", weights_only=True))
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-        sys.exit(f"pmafl-evaluate: {args.model_file} is not a state dict of {settings['model']!r} "
-                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    try:
+        load_weights(model, args.model_file, settings["model"])
+    except ModelFileError as e:
+        sys.exit(f"pmafl-evaluate: {e}")
     model.eval()
     eps = float(settings["eps"])
 

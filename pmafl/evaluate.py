@@ -9,28 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmafl.attacks import FGSM, PGD, Attack, AutoAttack
-
-ATTACKS = ("fgsm", "pgd20", "cw", "autoattack")
-
-
-def eval_pgd(model: nn.Module, eps: float, steps: int = 20, loss: str = "ce") -> PGD:
-    """The evaluation PGD, the same everywhere (per-round log, nodes, pmafl-evaluate, teacher
-    record): `steps` steps of eps/4 from a uniform random start."""
-    return PGD(model, eps, eps / 4, steps, loss=loss)
-
-
-def make_attack(name: str, model: nn.Module, eps: float, seed: int = 0) -> Attack:
-    """The suite's attacks by name; PGD-20 and CW take 20 steps of eps/4 from a random start."""
-    if name == "fgsm":
-        return FGSM(model, eps)
-    if name == "pgd20":
-        return eval_pgd(model, eps)
-    if name == "cw":
-        return eval_pgd(model, eps, loss="cw")
-    if name == "autoattack":
-        return AutoAttack(model, eps, seed=seed)
-    raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+from pmafl.attacks import FGSM, Attack, eval_pgd, make_attack
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

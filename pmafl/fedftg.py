@@ -23,16 +23,12 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmafl.objectives import training_attack
-
-if TYPE_CHECKING:
-    from pmafl.config import TrainConfig
+from pmafl.attacks import TrainingAttackSettings, training_attack
 
 VARIANTS = ("fedftg", "fedftg-robust")
 
@@ -185,7 +181,8 @@ class FedFTGServer:
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int,
                  config: FedFTGConfig | None = None, seed: int = 0,
-                 device: torch.device | None = None, attack_config: TrainConfig | None = None) -> None:
+                 device: torch.device | None = None,
+                 attack_config: TrainingAttackSettings | None = None) -> None:
         """`attack_config`: the run's training-attack settings (`train-attack`, `eps`, `pgd-steps`,
         `pgd-step-ratio`), which the robust variant attacks the global model with (at the full
         eps, also during an eps warm-up), maximising the KL to the ensemble's soft labels."""

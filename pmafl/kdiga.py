@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pmafl.batch import Batch
+
 
 def input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                    create_graph: bool = False) -> torch.Tensor:
@@ -48,3 +50,13 @@ def teacher_input_gradients(teacher: nn.Module, images: torch.Tensor, labels: to
     teacher.eval()
     return torch.cat([input_gradient(teacher, x.to(device), y.to(device)).cpu()
                       for x, y in zip(images.split(chunk), labels.split(chunk), strict=True)])
+
+
+def alignment_term(model: nn.Module, teacher: nn.Module, batch: Batch, module: None) -> torch.Tensor:
+    """KDIGA's add-on term (`pmafl.objectives.ADD_ONS`): L_GA on the batch, against the teacher's
+    input gradients the batch carries (`teacher_input_grads`, precomputed once per node) or,
+    without them, computed here."""
+    teacher_grad = batch.teacher_input_grads
+    if teacher_grad is None:
+        teacher_grad = input_gradient(teacher, batch.images, batch.labels)
+    return gradient_alignment(model, batch.images, batch.labels, teacher_grad)

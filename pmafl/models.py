@@ -10,6 +10,7 @@ teachers are pre-trained here, on the public split).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,6 +61,50 @@ def create_model(name: str, num_classes: int, in_channels: int,
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
     return Normalized(net, mean, std, name)
+
+
+class ModelFileError(ValueError):
+    """A model file is not a plain state dict of the architecture it is loaded into."""
+
+
+def load_weights(model: nn.Module, path: str | Path, architecture: str, what: str = "model file"
+                 ) -> nn.Module:
+    """`model` with the state dict stored at `path`: the project's one reader of model files (a
+    run's model.pt, a checkpoint's model, a cached teacher).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture to fill, as `create_model` built it.
+    path : str or Path
+        The file, written by `torch.save(model.state_dict(), ...)`.
+    architecture : str
+        The registry name of `model`, for the error.
+    what : str
+        What the file is, for the error ("teacher file", ...).
+
+    Returns
+    -------
+    nn.Module
+        `model`, its weights loaded.
+
+    Raises
+    ------
+    ModelFileError
+        The file is unreadable, pickles anything but tensors (`weights_only`: such a file is
+        refused, never run), or does not fit the architecture.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unsafe or unreadable file gets the same answer
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ModelFileError(f"{what} {path} is not a plain state dict (tensors only): "
+                             f"{type(e).__name__}: {first_line}") from e
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ModelFileError(f"{what} {path} does not fit architecture {architecture!r}: {e}") from e
+    return model
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:

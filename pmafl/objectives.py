@@ -1,22 +1,30 @@
-"""Local objectives, one registry: every objective is a step function composed from the loss terms
-in `pmafl.losses`, plus what it needs (a teacher, the client's class prior) and, for the PM-AFL
-ablations, the `TrainConfig` fields it pins.
+"""Local objectives and add-on loss terms, one registry each.
 
-A step takes the model in train mode, a batch `x` (in [0, 1]), labels `y`, the teacher's logits
-on `x` when the loader carries them, and a `StepContext`; it returns the loss to back-propagate
-under "loss" and every term by name (averaged per epoch into the client's metrics).
+Every objective (`OBJECTIVES`) is a step function composed from the loss terms in `pmafl.losses`,
+plus what it needs (a teacher, the client's class prior) and, for the PM-AFL ablations, the
+`TrainConfig` fields it pins. A step takes the model in train mode, a batch `x` (in [0, 1]),
+labels `y`, the teacher's logits on `x` when the batch carries them, and a `StepContext`; it
+returns the loss to back-propagate under "loss" and every term by name (averaged per epoch into
+the client's metrics).
+
+An add-on (`ADD_ONS`) is a loss term that the training loop adds, weighted by its `TrainConfig`
+field, to every objective that distils from the teacher: KDIGA's input-gradient alignment and
+RobustKD's feature distillation. A new method of that kind is one core module holding its term
+(and, if it trains one, its module) plus one entry here; see docs/architecture.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from pmafl.attacks import FGSMRS, PGD, Attack
+from pmafl.attacks import TrainingAttackSettings, training_attack
+from pmafl.batch import Batch
+from pmafl.kdiga import alignment_term
 from pmafl.losses import (
     adversarial_mixture_kd,
     calibrated_cross_entropy,
@@ -30,27 +38,29 @@ from pmafl.losses import (
     trades_kl,
     vanilla_mixture_kd,
 )
-
-if TYPE_CHECKING:
-    from pmafl.config import TrainConfig
+from pmafl.robustkd import feature_module, feature_term
 
 Terms = dict[str, torch.Tensor]
-TRAIN_ATTACKS = ("pgd", "fgsm-rs")
 
 
-def training_attack(model: nn.Module, config: TrainConfig, loss: str) -> Attack:
-    """The attack local training uses: PGD-K (step eps * pgd-step-ratio) or FGSM with random start
-    (Wong et al. 2020: one step of 1.25 eps from a uniform start in the ball), maximising `loss`."""
-    if config.train_attack == "fgsm-rs":
-        return FGSMRS(model, config.eps, loss=loss)
-    return PGD(model, config.eps, config.eps * config.pgd_step_ratio, config.pgd_steps, loss=loss)
+class ObjectiveSettings(TrainingAttackSettings, Protocol):
+    """The hyperparameters the objectives read (`pmafl.config.TrainConfig` has these fields)."""
+
+    alpha: float
+    lambda_alg: float
+    tau: float
+    mixup_alpha: float
+    ce_weight: float
+    attack_loss: str
+    beta: float
+    calfat_tau: float
 
 
 @dataclass
 class StepContext:
     """What an objective needs besides the batch."""
 
-    config: TrainConfig
+    config: ObjectiveSettings
     model: nn.Module
     teacher: nn.Module | None = None
     global_model: nn.Module | None = None
@@ -229,3 +239,44 @@ OBJECTIVES: dict[str, Objective] = {
 def needs_teacher(objective: str) -> bool:
     """PM-AFL and its ablations distil from the teacher; the baselines do not."""
     return OBJECTIVES[objective].needs_teacher
+
+
+@dataclass(frozen=True)
+class AddOn:
+    """A loss term added to every objective that distils from the teacher, weighted by a
+    `TrainConfig` field (0: off).
+
+    Parameters
+    ----------
+    term : str
+        Its metric name (a key of the client's metrics, which the server checks).
+    weight : str
+        The `TrainConfig` field that weights it.
+    loss : Callable[[nn.Module, nn.Module, Batch, nn.Module | None], torch.Tensor]
+        The term on one batch: `loss(model, teacher, batch, module)`; `module` is what `module`
+        built (None without one). It reads the batch's fields by name, e.g. a precomputed
+        `teacher_input_grads`, computing them itself when the batch lacks them.
+    module : Callable[[nn.Module, nn.Module, torch.Tensor, Any], nn.Module] or None
+        Builds a trainable module the term needs besides the model (RobustKD's connectors):
+        `module(model, teacher, images, config)`, `images` the client's first clean images. It
+        trains with the model, is not part of the global model, and its state carries over the
+        rounds through `train_model`'s `add_on_state`.
+    """
+
+    term: str
+    weight: str
+    loss: Callable[[nn.Module, nn.Module, Batch, nn.Module | None], torch.Tensor]
+    module: Callable[[nn.Module, nn.Module, torch.Tensor, Any], nn.Module] | None = None
+
+
+ADD_ONS: dict[str, AddOn] = {
+    "kdiga": AddOn("loss-ga", "kdiga_weight", alignment_term),
+    "robustkd": AddOn("loss-feat", "robustkd_weight", feature_term,
+                      module=lambda model, teacher, images, config: feature_module(
+                          model, teacher, images, config.robustkd_noise)),
+}
+
+
+def active_add_ons(config: Any) -> dict[str, AddOn]:
+    """The add-ons whose weight in `config` (a `TrainConfig`) is > 0."""
+    return {name: add_on for name, add_on in ADD_ONS.items() if getattr(config, add_on.weight) > 0}

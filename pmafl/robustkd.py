@@ -1,7 +1,8 @@
 """RobustKD (Chen et al., "RobustKD: Robust Knowledge Distillation Based on Feature Variance Against
 Backdoored Teacher Model", Applied Soft Computing 2024, arXiv 2406.03409): vetting a teacher that
 may carry a backdoor, detoxifying its features, and distilling features from it safely
-(`FeatureDistiller`, which `pmafl_train` adds with `robustkd-weight` > 0).
+(`FeatureDistiller`, which `train_model` adds with `robustkd-weight` > 0; its registration is
+`pmafl.objectives.ADD_ONS`).
 
 Detection, the step the public code leaves out, is a Neural Cleanse (Wang et al. 2019,
 `reverse_engineer_trigger`): for every candidate target class, the smallest input mask and
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pmafl.batch import Batch
 
 # Feature stages of each architecture, as module names inside `Normalized`: pre-ReLU conv outputs
 # (where Heo et al.'s margin-based feature distillation reads them). Hooks read them, so state
@@ -350,6 +353,21 @@ class FeatureDistiller(nn.Module):
         margins = self.margins.split(self._sizes)
         return sum(partial_l2(connector(s), t, m)
                    for connector, s, t, m in zip(self.connectors, s_feats, t_feats, margins, strict=True))
+
+
+def feature_module(model: nn.Module, teacher: nn.Module, images: torch.Tensor, noise: float
+                   ) -> FeatureDistiller:
+    """RobustKD's add-on module (`pmafl.objectives.ADD_ONS`): a `FeatureDistiller` for the student
+    `model` and the (detoxified) `teacher`, built from their registry names, its margins measured
+    on `images` (a client's own, clean)."""
+    return FeatureDistiller.build(model, architecture(model), teacher, architecture(teacher), images,
+                                  noise)
+
+
+def feature_term(model: nn.Module, teacher: nn.Module, batch: Batch, module: FeatureDistiller
+                 ) -> torch.Tensor:
+    """RobustKD's add-on term (`pmafl.objectives.ADD_ONS`): the feature loss of the batch's images."""
+    return module(model, teacher, batch.images)
 
 
 def architecture(model: nn.Module) -> str:

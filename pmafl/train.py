@@ -1,9 +1,13 @@
-"""Local training: one loop, objectives composed from the loss terms in `pmafl.losses`.
+"""Local training: one loop for every objective, the add-on terms on top.
 
-`pmafl_train(model, teacher, loader, config)` is the client-side function any Flower ClientApp
-(or plain script) can call: it trains `model` in place for `config.local_epochs` epochs and returns
-the mean of every loss term plus `num-examples`. The frozen global model G of PM-AFL's consistency
-term is the model as it was when the call started, i.e. the global model the client received.
+`train_model(model, teacher, loader, config)` is the client-side function any Flower ClientApp
+(or plain script) can call: it trains `model` in place for `config.local_epochs` epochs with
+`config.objective` (`pmafl.objectives.OBJECTIVES`: PM-AFL, its ablations, the baselines, the
+teacher's own pre-training), adds every add-on term whose weight is > 0
+(`pmafl.objectives.ADD_ONS`: KDIGA, RobustKD), and returns the mean of every loss term plus
+`num-examples`. The frozen global model G of PM-AFL's consistency term is the model as it was
+when the call started, i.e. the global model the client received. `pmafl_train` is the same
+function under the name the plug-in API has always had.
 """
 
 from __future__ import annotations
@@ -11,28 +15,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pmafl.batch import Batch
 from pmafl.config import TrainConfig
-from pmafl.kdiga import gradient_alignment, input_gradient
-from pmafl.objectives import OBJECTIVES, StepContext
+from pmafl.objectives import ADD_ONS, OBJECTIVES, StepContext, active_add_ons
 from pmafl.protocol import NUM_EXAMPLES
-from pmafl.robustkd import MARGIN_IMAGES, FeatureDistiller, architecture
-
-# The add-on terms the training loop adds to any distilling objective: {term: TrainConfig weight}.
-ADD_ON_TERMS = {"loss-ga": "kdiga_weight", "loss-feat": "robustkd_weight"}
+from pmafl.robustkd import MARGIN_IMAGES
 
 
 def train_metric_names(config: TrainConfig) -> frozenset[str]:
-    """The metric keys `pmafl_train` returns for `config`: "loss", the objective's terms, every
-    weighted term (the objective's own and the add-ons, `ADD_ON_TERMS`) whose weight is > 0, and
+    """The metric keys `train_model` returns for `config`: "loss", the objective's terms, every
+    weighted term (the objective's own and the add-ons') whose weight is > 0, and
     "num-examples". A server checks every train reply against them."""
     objective = OBJECTIVES[config.objective]
     config = dataclasses.replace(config, **objective.overrides)
-    weighted = {**objective.weighted_terms, **ADD_ON_TERMS}
+    weighted = {**objective.weighted_terms, **{a.term: a.weight for a in ADD_ONS.values()}}
     return frozenset({"loss", *objective.terms, NUM_EXAMPLES,
                       *(term for term, weight in weighted.items() if getattr(config, weight) > 0)})
 
@@ -64,20 +66,42 @@ def _labels_and_classes(model: nn.Module, loader: DataLoader) -> tuple[torch.Ten
     return labels.long(), num_classes
 
 
-def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
-                config: TrainConfig, features: FeatureDistiller | None = None) -> dict[str, float]:
+def _first_images(loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """The loader's first `MARGIN_IMAGES` images, in dataset order (what an add-on's module is
+    built from)."""
+    dataset = loader.dataset
+    return torch.stack([dataset[i][0] for i in range(min(MARGIN_IMAGES, len(dataset)))]).to(device)
+
+
+def train_model(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
+                config: TrainConfig, add_on_state: dict[str, Any] | None = None) -> dict[str, float]:
     """Train `model` in place on `loader` with `config.objective`; return mean loss terms.
 
-    `loader` yields `(images, labels)`, `(images, labels, teacher_logits)` or `(images, labels,
-    teacher_logits, teacher_input_grads)`, images in [0, 1]; the teacher's logits and input
-    gradients on the un-augmented images (`pmafl.kdiga.teacher_input_gradients`), precomputed,
-    save teacher passes in every batch. `teacher` is required by the objectives that distil
-    (`pmafl`, its ablations, `kdiga`) and ignored by the baselines. With `config.kdiga_weight` > 0
-    those objectives also minimise kdiga_weight * L_GA (`pmafl.kdiga.gradient_alignment`), and
-    with `config.robustkd_weight` > 0, robustkd_weight * RobustKD's feature term (`features`, a
-    `pmafl.robustkd.FeatureDistiller` whose connectors train along; pass the same one every round
-    to keep them, or None for a fresh one; `teacher` is then the detoxified teacher,
-    `pmafl.teacher.load_detoxified`). Training runs on the device that holds `model`.
+    Parameters
+    ----------
+    model : nn.Module
+        The model to train (the received global model), on the device training runs on.
+    teacher : nn.Module or None
+        Required by the objectives that distil (`pmafl`, its ablations, `kdiga`), ignored by the
+        others; with `robustkd-weight` > 0, the detoxified teacher
+        (`pmafl.teacher.load_detoxified`).
+    loader : DataLoader
+        Yields `(images, labels)`, `(images, labels, teacher_logits)` or `(images, labels,
+        teacher_logits, teacher_input_grads)` (`pmafl.batch.Batch`), images in [0, 1]; the
+        teacher's logits and input gradients on the un-augmented images
+        (`pmafl.kdiga.teacher_input_gradients`), precomputed, save teacher passes in every batch.
+    config : TrainConfig
+        The objective, its hyperparameters and the add-ons' weights.
+    add_on_state : dict or None
+        The state of the add-ons' trainable modules (RobustKD's connectors), by add-on name: read
+        when present, written back after training. Pass the same dict every round to keep them;
+        None starts fresh ones. A module is built under a forked RNG, so building it draws no
+        random numbers from local training's.
+
+    Returns
+    -------
+    dict[str, float]
+        The mean of every loss term over the examples seen, and `num-examples`.
     """
     if config.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.objective!r}; known: {', '.join(OBJECTIVES)}")
@@ -85,13 +109,11 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     config = dataclasses.replace(config, **objective.overrides)
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {config.objective!r} needs a teacher model")
-    if config.kdiga_weight > 0 and not objective.needs_teacher:
-        raise ValueError(f"kdiga-weight needs an objective that distils from the teacher, got "
-                         f"{config.objective!r}")
-    if config.robustkd_weight > 0 and not objective.needs_teacher:
-        raise ValueError(f"robustkd-weight needs an objective that distils from the teacher, got "
-                         f"{config.objective!r}")
-    align = config.kdiga_weight > 0
+    add_ons = active_add_ons(config)
+    for add_on in add_ons.values():
+        if not objective.needs_teacher:
+            raise ValueError(f"{add_on.weight.replace('_', '-')} needs an objective that distils "
+                             f"from the teacher, got {config.objective!r}")
     device = next(model.parameters()).device
     ctx = StepContext(config, model)
     if objective.needs_teacher:
@@ -100,33 +122,30 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     if objective.needs_prior:
         ctx.log_prior = class_log_prior(*_labels_and_classes(model, loader)).to(device)
     params = list(model.parameters())
-    if config.robustkd_weight > 0:
-        if features is None:
-            dataset = loader.dataset
-            images = torch.stack([dataset[i][0] for i in range(min(MARGIN_IMAGES, len(dataset)))]).to(device)
-            features = FeatureDistiller.build(model, architecture(model), teacher,
-                                              architecture(teacher), images, config.robustkd_noise)
-        features.noise = config.robustkd_noise
-        features.train()
-        params += list(features.parameters())
+    modules: dict[str, nn.Module] = {}
+    for name, add_on in add_ons.items():
+        if add_on.module is None:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            module = add_on.module(model, ctx.teacher, _first_images(loader, device), config)
+        if add_on_state and name in add_on_state:
+            module.load_state_dict(add_on_state[name])
+        modules[name] = module.to(device).train()
+        params += list(module.parameters())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     sums: dict[str, float] = defaultdict(float)
     seen = 0
     model.train()
     for _ in range(config.local_epochs):
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            teacher_logits = batch[2].to(device) if len(batch) > 2 and objective.needs_teacher else None
+        for tensors in loader:
+            batch = Batch.of(tensors, device)
+            x, y = batch.images, batch.labels
+            teacher_logits = batch.teacher_logits if objective.needs_teacher else None
             terms = objective.step(model, x, y, teacher_logits, ctx)
-            if align:
-                teacher_grad = (batch[3].to(device) if len(batch) > 3
-                                else input_gradient(ctx.teacher, x, y))
-                terms["loss-ga"] = gradient_alignment(model, x, y, teacher_grad)
-                terms["loss"] = terms["loss"] + config.kdiga_weight * terms["loss-ga"]
-            if features is not None and config.robustkd_weight > 0:
-                terms["loss-feat"] = features(model, ctx.teacher, x)
-                terms["loss"] = terms["loss"] + config.robustkd_weight * terms["loss-feat"]
+            for name, add_on in add_ons.items():
+                terms[add_on.term] = add_on.loss(model, ctx.teacher, batch, modules.get(name))
+                terms["loss"] = terms["loss"] + getattr(config, add_on.weight) * terms[add_on.term]
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if config.grad_clip > 0:
@@ -135,6 +154,13 @@ def pmafl_train(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
             for name, value in terms.items():
                 sums[name] += value.item() * len(x)
             seen += len(x)
+    if add_on_state is not None:
+        for name, module in modules.items():
+            add_on_state[name] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     metrics = {name: total / max(seen, 1) for name, total in sums.items()}
     metrics[NUM_EXAMPLES] = len(loader.dataset)
     return metrics
+
+
+# The plug-in API's name for `train_model` (README, docs/plugin.md).
+pmafl_train = train_model

@@ -15,6 +15,15 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from pmafl.assembly import (
+    backdoor_trigger,
+    build_fedftg,
+    build_model,
+    client_seed,
+    eval_split,
+    load_data,
+    resolve_device,
+)
 from pmafl.backdoor import Trigger, attack_success_rate
 from pmafl.config import RunConfig
 from pmafl.data import Split
@@ -28,18 +37,8 @@ from pmafl.results import (
     save_checkpoint,
     write_results,
 )
-from pmafl.task import (
-    backdoor_trigger,
-    build_fedftg,
-    build_model,
-    client_seed,
-    eval_split,
-    load_data,
-    prepare_teacher,
-    resolve_device,
-)
-from strategies import PMAFL, FedFTG
-from strategies.pmafl import FederationStalled
+from pmafl.teacher import prepare_teacher
+from strategies import PMAFL, FederationStalled, FedFTG
 
 app = ServerApp()
 
@@ -84,13 +83,14 @@ class CentralEvaluator:
         return MetricRecord({**scores, "eval_examples": len(self.labels)})
 
 
-def round_row(server_round: int, result: Any, strategy: PMAFL,
-              fedftg: FedFTG | None = None) -> dict[str, Any]:
+def round_row(server_round: int, result: Any, strategy: PMAFL | FedFTG) -> dict[str, Any]:
     """One round's row: mean local loss terms (and FedFTG's server terms), federated evaluation
-    (`fed_` keys: mean and worst node) when it ran, central scores, the round's timing and bytes,
-    and the nodes left out (of the average, or of FedFTG's ensemble; a discarded aggregate as
-    stage `aggregate`). The server's own columns are written last: no client metric can stand in
-    for them. Only the `..._seconds` keys differ between two runs with one seed."""
+    (`fed_` keys: mean and worst node) when it ran, central scores, then the server's columns,
+    `strategy.round_summary` of the strategy that ran the rounds (the outermost): the round's
+    timing and bytes, the nodes left out (of the average, or of FedFTG's ensemble; a discarded
+    aggregate as stage `aggregate`) and `train_eps`. The server's own columns are written last:
+    no client metric can stand in for them. Only the `..._seconds` keys differ between two runs
+    with one seed."""
     def snake(metrics: Any, prefix: str = "") -> dict[str, Any]:  # results.json keys: a_b, not a-b
         return {prefix + key.replace("-", "_"): value for key, value in metrics.items()}
 
@@ -98,17 +98,9 @@ def round_row(server_round: int, result: Any, strategy: PMAFL,
     row.update(snake(result.train_metrics_clientapp.get(server_round, {})))
     row.update(snake(result.evaluate_metrics_clientapp.get(server_round, {}), "fed_"))
     row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
-    # Timing (`round_seconds`, the exchanges' `train_seconds` / `evaluate_seconds`, the slowest
-    # node's `train_compute_seconds` / `evaluate_compute_seconds`) and `bytes_sent` / `bytes_received`.
-    stats = dict((fedftg or strategy).round_stats.get(server_round, {}) if server_round else {})
-    discarded = stats.pop("discarded", None)
-    row.update(snake(stats))
-    row["round"] = server_round
-    row["failures"] = strategy.failures.get(server_round, []) + (
-        fedftg.left_out.get(server_round, []) if fedftg else []) + (
-        [{"stage": "aggregate", "node": None, "reason": discarded}] if discarded else [])
-    row["train_eps"] = strategy.round_eps(server_round) if server_round else 0.0
-    return {"round": row.pop("round"), **row}
+    row.update(snake(strategy.round_summary(server_round)))
+    row.pop("round", None)
+    return {"round": server_round, **row}
 
 
 @app.main()
@@ -164,8 +156,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round_end(server_round: int, arrays: ArrayRecord, result: Any) -> None:
         if not rows:
-            rows.append(round_row(0, result, strategy, fedftg))
-        rows.append(round_row(server_round, result, strategy, fedftg))
+            rows.append(round_row(0, result, fedftg or strategy))
+        rows.append(round_row(server_round, result, fedftg or strategy))
         warning = catastrophic_overfitting(rows)
         if warning:
             log(WARNING, "round %d: %s", server_round, warning)

@@ -8,21 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from pmafl.assembly import backdoor_trigger, build_model, client_seed, client_split, load_data, node_data_key
 from pmafl.backdoor import Trigger, attack_success_rate, poison
 from pmafl.config import ConfigError, RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.eval_cli import run as evaluate_cli
-from pmafl.task import (
-    backdoor_trigger,
-    build_model,
-    client_seed,
-    client_split,
-    load_data,
-    node_data_key,
-    prepare_teacher,
-    teacher_settings,
-)
-from pmafl.train import pmafl_train
+from pmafl.teacher import TeacherSettings, prepare_teacher
+from pmafl.train import train_model
 
 
 def test_trigger_stamps_exactly_its_square():
@@ -103,8 +95,8 @@ def teachers(tmp_path_factory):
 def test_a_backdoored_teacher_is_its_own_cache_entry_and_carries_the_backdoor(teachers):
     clean_cfg = RunConfig.from_mapping(RUN)
     bad_cfg = RunConfig.from_mapping({**RUN, "backdoor-rate": 0.1})
-    assert "backdoor" not in teacher_settings(clean_cfg)
-    assert teacher_settings(bad_cfg)["backdoor"] == {"rate": 0.1, "target": 0, "patch": 2,
+    assert "backdoor" not in TeacherSettings.from_run_config(clean_cfg).to_dict()
+    assert TeacherSettings.from_run_config(bad_cfg).backdoor == {"rate": 0.1, "target": 0, "patch": 2,
                                                      "value": 1.0, "position": "bottom-right"}
     data, (clean, _, clean_path), (bad, _, bad_path) = teachers
     assert clean_path != bad_path
@@ -135,7 +127,7 @@ def test_client_data_carries_the_trigger_with_true_labels():
     assert stamped.images[chosen][..., -2:, -2:].eq(255).all()
     # The data key tells the two apart (a node never reuses the wrong copy); the teacher is the same.
     assert node_data_key(cfg, 1, 3) != node_data_key(clean_cfg, 1, 3)
-    assert teacher_settings(cfg) == teacher_settings(clean_cfg)
+    assert TeacherSettings.from_run_config(cfg) == TeacherSettings.from_run_config(clean_cfg)
 
 
 def distilled_asr(data, teacher, client_rate: float) -> float:
@@ -145,7 +137,7 @@ def distilled_asr(data, teacher, client_rate: float) -> float:
     split = client_split(cfg, data, 0, 1)
     torch.manual_seed(0)
     student = build_model(cfg, data)
-    pmafl_train(student, teacher, make_loader(*split.tensors(), batch_size=64, shuffle=True),
+    train_model(student, teacher, make_loader(*split.tensors(), batch_size=64, shuffle=True),
                 TrainConfig(local_epochs=6, train_attack="fgsm-rs"))
     return attack_success_rate(student, *data.test.tensors(), backdoor_trigger(cfg))
 

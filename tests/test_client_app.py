@@ -14,11 +14,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import _process_age, evaluate, train
+from pmafl.assembly import build_model, client_split, client_test_split, load_data
 from pmafl.compression import decode_update
 from pmafl.config import RunConfig, TrainConfig
 from pmafl.evaluate import evaluate as evaluate_model
-from pmafl.task import build_model, client_split, client_test_split, load_data, prepare_teacher
-from pmafl.teacher import TeacherError
+from pmafl.teacher import TeacherError, prepare_teacher
 
 RUN = {"teacher-epochs": 1, "teacher-objective": "ce", "num-server-rounds": 1}
 
@@ -113,7 +113,7 @@ def test_reply_does_not_depend_on_what_the_process_loaded_before(teachers):
     tmp_path = teachers
     """Ray reuses processes across nodes: whether the teacher is already loaded in this process
     must not change a node's training."""
-    from pmafl.task import _cached_teacher
+    from pmafl.teacher.prepare import _cached_teacher
 
     cfg = RunConfig.from_mapping(RUN)
     msg, _ = instruction(cfg, TrainConfig(local_epochs=1, pgd_steps=2))
@@ -157,8 +157,7 @@ def test_train_reply_carries_label_counts_when_fedftg_asks(tmp_path):
 
 def test_robustkd_distils_from_the_vetted_teacher_and_keeps_its_connectors(teachers):
     from pmafl.robustkd import VetResult
-    from pmafl.task import teacher_settings
-    from pmafl.teacher import teacher_path, write_vet
+    from pmafl.teacher import TeacherSettings, teacher_path, write_vet
 
     tmp_path = teachers
     run = {**RUN, "robustkd-weight": 1.0}
@@ -170,18 +169,18 @@ def test_robustkd_distils_from_the_vetted_teacher_and_keeps_its_connectors(teach
         train(msg, ctx)
     mask = torch.zeros(128)
     mask[:8] = 1.0
-    write_vet(teacher_path(tmp_path, teacher_settings(cfg)),
+    write_vet(teacher_path(tmp_path, TeacherSettings.from_run_config(cfg)),
               VetResult([5.0] * 10, 3.0, 0, torch.zeros(8, 8), torch.zeros(1, 8, 8), "net.7", mask,
                         torch.zeros(128)))
     metrics = train(msg, ctx).content["metrics"]
     assert metrics["loss-feat"] > 0 and np.isfinite(metrics["loss"])
-    stored = ctx.state["robustkd-connectors"].to_torch_state_dict()
+    stored = ctx.state["add-on:robustkd"].to_torch_state_dict()
     assert stored["connectors.0.0.weight"].shape == (64, 32, 1, 1)
     # The next round starts from the stored connectors, not from fresh ones.
     fresh = context(tmp_path)
     fresh.run_config = run
     zeroed = {k: torch.zeros_like(v) if k.endswith("0.weight") else v for k, v in stored.items()}
-    ctx.state["robustkd-connectors"] = ArrayRecord(torch_state_dict=zeroed)
+    ctx.state["add-on:robustkd"] = ArrayRecord(torch_state_dict=zeroed)
     assert train(msg, ctx).content["metrics"]["loss-feat"] != pytest.approx(
         train(msg, fresh).content["metrics"]["loss-feat"])
 
@@ -277,7 +276,7 @@ def test_a_compressed_reply_decodes_to_the_trained_model_up_to_what_the_residual
 
 
 def test_asking_for_cuda_without_one_names_the_ray_gpu_resource(monkeypatch):
-    from pmafl.task import resolve_device
+    from pmafl.assembly import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

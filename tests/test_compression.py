@@ -10,7 +10,7 @@ from pmafl.compression import decode_update, encode_update
 from pmafl.config import ConfigError, RunConfig, TrainConfig
 from pmafl.train import train_metric_names
 from strategies import PMAFL
-from strategies.strategy_utils import payload_bytes
+from strategies.round_loop import payload_bytes
 
 SENT = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "n": torch.tensor(7)}
 

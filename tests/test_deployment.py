@@ -21,8 +21,7 @@ from pmafl.config import RunConfig
 from pmafl.data import load_dataset
 from pmafl.models import create_model
 from pmafl.results import checkpoint_files
-from pmafl.task import teacher_settings
-from pmafl.teacher import save_teacher, teacher_record
+from pmafl.teacher import TeacherSettings, save_teacher, teacher_record
 
 sys.path.insert(0, str(ROOT / "docker"))
 from make_credentials import make_credentials  # noqa: E402
@@ -42,7 +41,7 @@ def make_teacher(path: Path, seed: int) -> None:
     data = load_dataset("digits")
     torch.manual_seed(seed)
     model = create_model("cnn-large", 10, 1, data.mean, data.std)
-    save_teacher(model, path, teacher_record(data, teacher_settings(RunConfig())))
+    save_teacher(model, path, teacher_record(data, TeacherSettings.from_run_config(RunConfig())))
 
 
 @pytest.fixture
@@ -108,7 +107,7 @@ def test_tls_authenticated_federation_survives_faults(deployment, app, tmp_path)
     make_teacher(good, seed=0)
     make_teacher(other, seed=1)
     for i in range(4):
-        seeded = subprocess.run([sys.executable, "-m", "pmafl.teacher_cli", "seed",
+        seeded = subprocess.run([sys.executable, "-m", "pmafl.teacher.cli", "import",
                                  str(other if i == 3 else good), "--cache-dir", str(tmp_path / f"node{i}")],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert seeded.returncode == 0, seeded.stderr
@@ -192,7 +191,7 @@ def test_a_killed_serverapp_resumes_under_tls_and_keeps_every_completed_round(de
         out = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(creds / f"supernode-{i}.pub"),
                               "dep"], env=procs.env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
-        seeded = subprocess.run([sys.executable, "-m", "pmafl.teacher_cli", "seed", str(teacher),
+        seeded = subprocess.run([sys.executable, "-m", "pmafl.teacher.cli", "import", str(teacher),
                                  "--cache-dir", str(tmp_path / f"node{i}")], env=procs.env,
                                 capture_output=True, text=True, timeout=120)
         assert seeded.returncode == 0, seeded.stderr

@@ -325,7 +325,7 @@ def test_compose_deployment_with_tls_and_auth_survives_faults(stack, tmp_path):
     for service in ["superexec-serverapp", *(f"superexec-clientapp-{i}" for i in range(NODES))]:
         stack.compose("cp", teacher, f"{service}:/tmp/T.pt")
         stack.compose("cp", teacher.with_suffix(".json"), f"{service}:/tmp/T.json")
-        out = stack.compose("exec", "-T", service, "pmafl-teacher", "seed", "/tmp/T.pt",
+        out = stack.compose("exec", "-T", service, "pmafl-teacher", "import", "/tmp/T.pt",
                             "--cache-dir", "/data/cache/pmafl/teachers")
         sha256 = re.search(r"sha256 ([0-9a-f]{64})", out.stdout).group(1)
     # 5% packet loss both ways on node 2 (its latency comes from the relay it reaches the SuperLink by).

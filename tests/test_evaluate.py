@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from pmafl.attacks import eval_pgd
 from pmafl.data import evaluation_subset, load_dataset
 from pmafl.eval_cli import run
 from pmafl.evaluate import (
     accuracy,
     catastrophic_overfitting,
-    eval_pgd,
     evaluate,
     gradient_masking_warnings,
     sweep_radii,
@@ -124,5 +124,5 @@ def test_cli_refuses_a_truncated_or_code_carrying_model_file(tmp_path):
     torch.manual_seed(0)
     torch.save(create_model("cnn-small", 10, 1, [0.3], [0.4]).state_dict(), path)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(SystemExit, match="model.pt is not a state dict of 'cnn-small'"):
+    with pytest.raises(SystemExit, match="model.pt is not a plain state dict"):
         run([str(path), "--model", "cnn-small", "--dataset", "digits", "--eps", "0.2"])

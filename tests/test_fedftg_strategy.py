@@ -13,8 +13,8 @@ from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import create_model
 from pmafl.train import train_metric_names
 from strategies import PMAFL, FedFTG
+from strategies.aggregation import weighted_mean
 from strategies.fedftg import label_counts_problem
-from strategies.strategy_utils import weighted_mean
 
 NODES = (11, 12, 13)
 TERMS = {key: 0.0 for key in train_metric_names(TrainConfig()) if key != "num-examples"}
@@ -108,6 +108,8 @@ def test_one_valid_client_is_an_ensemble_of_one():
     _, metrics = strategy.aggregate_train(1, replies_to(strategy, (GOOD[0], None, [1, 2, 3])))
     assert metrics["fedftg-clients"] == 1
     assert sorted(f["node"] for f in strategy.left_out[1]) == [12, 13]
+    # A base without screening has no failures of its own, and no training radius to report.
+    assert strategy.round_summary(1) == {"failures": strategy.left_out[1]}
 
 
 def test_label_counts_problem():
@@ -127,6 +129,33 @@ def test_replies_pmafl_leaves_out_stay_out_of_the_ensemble():
     _, metrics = strategy.aggregate_train(1, replies)
     assert "replied 2 times" in {f["node"]: f["reason"] for f in strategy.strategy.failures[1]}[13]
     assert metrics["fedftg-clients"] == 2
+
+
+def test_the_wrapped_strategys_contract():
+    """PMAFL tells the wrapper what it averaged (`WrappedStrategy`); Flower's FedAvg does not,
+    and the wrapper then screens the replies itself."""
+    from strategies.wrapped import WrappedStrategy
+
+    assert isinstance(PMAFL(), WrappedStrategy)
+    assert not isinstance(FedAvg(), WrappedStrategy)
+    base = PMAFL(evaluate_every=5)
+    wrap(base).set_num_rounds(7)
+    assert base.num_rounds == 7
+
+
+def test_the_round_summary_merges_the_base_strategys_failures_and_eps():
+    """One node PMAFL leaves out, one FedFTG leaves out of its ensemble, and an aggregate the round
+    loop discarded: the round's failures list them in that order, and PMAFL's `train-eps` follows."""
+    strategy = wrap(PMAFL(TrainConfig(eps=0.25), min_available_nodes=3, min_train_nodes=2))
+    replies = replies_to(strategy, (GOOD[0], [1, 1, 1], GOOD[2]))
+    replies.append(replies_to(strategy, GOOD)[2])  # node 13 replies twice: PMAFL leaves it out
+    strategy.aggregate_train(1, replies)
+    strategy.round_stats[1] = {"round-seconds": 2.0, "discarded": "why"}
+    summary = strategy.round_summary(1)
+    assert list(summary) == ["round-seconds", "failures", "train-eps"]
+    assert [(f["stage"], f["node"]) for f in summary["failures"]] == [
+        ("train", 13), ("train", 13), ("fedftg", 12), ("aggregate", None)]  # each reply of 13
+    assert summary["round-seconds"] == 2.0 and summary["train-eps"] == 0.25
 
 
 def recording(strategy):

@@ -10,7 +10,7 @@ from pmafl.config import ConfigError, RunConfig, TrainConfig
 from pmafl.data import make_loader
 from pmafl.kdiga import gradient_alignment, input_gradient, teacher_input_gradients
 from pmafl.objectives import StepContext, kdiga_step
-from pmafl.train import pmafl_train
+from pmafl.train import train_model
 
 
 def linear(seed, classes=3, pixels=4):
@@ -83,14 +83,14 @@ def test_training_adds_the_weighted_term_and_cached_gradients_change_nothing():
     for tensors in ((images, labels, logits), (images, labels, logits, grads)):
         student = linear(0).float()
         loader = make_loader(*tensors, batch_size=5, shuffle=False)
-        metrics = pmafl_train(student, teacher, loader, TrainConfig(objective="kdiga", kdiga_weight=2.0,
+        metrics = train_model(student, teacher, loader, TrainConfig(objective="kdiga", kdiga_weight=2.0,
                                                                     local_epochs=1))
         results.append((metrics, student[1].weight.detach().clone()))
     (first, w_first), (second, w_second) = results
     assert first["loss"] == pytest.approx((0.5 * first["loss-ce"] + 0.5 * first["loss-kl"])
                                           + 2.0 * first["loss-ga"])
     assert first == pytest.approx(second) and torch.allclose(w_first, w_second)
-    plain = pmafl_train(linear(0).float(), teacher, make_loader(images, labels, batch_size=5, shuffle=False),
+    plain = train_model(linear(0).float(), teacher, make_loader(images, labels, batch_size=5, shuffle=False),
                         TrainConfig(objective="kdiga", local_epochs=1))
     assert "loss-ga" not in plain
 

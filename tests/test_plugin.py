@@ -1,5 +1,5 @@
 """The plug-in example of docs/plugin.md, run exactly as written: an existing Flower app adopting the
-PMAFL strategy and `pmafl_train`, driven through an in-process grid."""
+PMAFL strategy and `train_model`, driven through an in-process grid."""
 
 import re
 import sys

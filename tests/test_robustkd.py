@@ -163,27 +163,32 @@ def test_feature_distiller_reads_the_detoxified_features():
     assert architecture(detox) == "cnn-large" and architecture(student) == "cnn-small"
 
 
-def test_pmafl_train_adds_the_feature_term_and_trains_the_connectors():
+def test_train_model_adds_the_feature_term_and_trains_the_connectors():
     from pmafl.config import TrainConfig
     from pmafl.data import make_loader
-    from pmafl.train import pmafl_train
+    from pmafl.train import train_model
 
     torch.manual_seed(0)
     student, teacher = create_model("cnn-small", 10, 1, (0.5,), (0.25,)), model()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    features = FeatureDistiller.build(student, "cnn-small", teacher, "cnn-large", x)
-    before = features.connectors[0][0].weight.clone()
+    # The distiller train_model builds: from the models' architectures, under a forked RNG.
+    with torch.random.fork_rng(devices=[]):
+        fresh = FeatureDistiller.build(student, "cnn-small", teacher, "cnn-large", x)
     config = TrainConfig(objective="kdiga", local_epochs=1, robustkd_weight=0.5)
-    metrics = pmafl_train(student, teacher, make_loader(x, y, batch_size=8, shuffle=False), config, features)
+    state = {}
+    metrics = train_model(student, teacher, make_loader(x, y, batch_size=8, shuffle=False), config, state)
     assert metrics["loss-feat"] > 0
     assert metrics["loss"] == pytest.approx(0.5 * metrics["loss-ce"] + 0.5 * metrics["loss-kl"]
                                             + 0.5 * metrics["loss-feat"], rel=1e-5)
-    assert not torch.equal(before, features.connectors[0][0].weight)
-    # Without a distiller, pmafl_train builds one from the models' architectures.
-    loader = make_loader(x, y, batch_size=8, shuffle=False)
-    assert "loss-feat" in pmafl_train(student, teacher, loader, config)
+    # The connectors trained, and their state came back for the next round.
+    trained = state["robustkd"]["connectors.0.0.weight"]
+    assert not torch.equal(fresh.connectors[0][0].weight, trained)
+    state["robustkd"]["connectors.0.0.weight"] = torch.zeros_like(trained)
+    train_model(student, teacher, make_loader(x, y, batch_size=8, shuffle=False),
+                TrainConfig(objective="kdiga", local_epochs=1, robustkd_weight=0.5, lr=0.0), state)
+    assert torch.equal(state["robustkd"]["connectors.0.0.weight"], torch.zeros_like(trained))
     with pytest.raises(ValueError, match="robustkd-weight needs an objective"):
-        pmafl_train(student, None, make_loader(x, y, batch_size=8, shuffle=False),
+        train_model(student, None, make_loader(x, y, batch_size=8, shuffle=False),
                     TrainConfig(objective="ce", robustkd_weight=1.0))
 
 
@@ -195,14 +200,13 @@ def test_detoxified_teacher_checks_the_mask_length():
 def vetted(tmp_path, channels=(3, 5)):
     """A saved cnn-large teacher with a vet record written by hand (no Neural Cleanse)."""
     from pmafl.config import RunConfig
-    from pmafl.task import teacher_settings
-    from pmafl.teacher import save_teacher, teacher_path, write_vet
+    from pmafl.teacher import TeacherSettings, save_teacher, teacher_path, write_vet
 
-    settings = teacher_settings(RunConfig())
+    settings = TeacherSettings.from_run_config(RunConfig())
     net = model()
     path = teacher_path(tmp_path, settings)
     save_teacher(net, path, {"model": "cnn-large", "dataset": "digits", "num_classes": 10,
-                             "in_channels": 1, "mean": [0.5], "std": [0.25], "settings": settings})
+                             "in_channels": 1, "mean": [0.5], "std": [0.25], "settings": settings.to_dict()})
     mask = torch.zeros(128)
     mask[list(channels)] = 1.0
     result = VetResult(norms=[5.0] + [12.0] * 9, anomaly_index=4.0, target=0,
@@ -283,10 +287,10 @@ def test_vet_flags_a_planted_backdoor_and_not_the_clean_teacher():
     finds its target, and its detoxification cuts the real trigger's success; it leaves the clean
     one alone. (A plain-CE teacher is forged by a few pixels for any class: Neural Cleanse cannot
     tell its backdoor apart, as docs/robustkd.md shows.)"""
+    from pmafl.assembly import backdoor_trigger, eval_split, load_data
     from pmafl.backdoor import attack_success_rate
     from pmafl.config import RunConfig
-    from pmafl.task import backdoor_trigger, eval_split, load_data, teacher_settings
-    from pmafl.teacher import pretrain_teacher
+    from pmafl.teacher import TeacherSettings, pretrain_teacher
 
     run = {"teacher-model": "cnn-small", "teacher-attack": "fgsm-rs", "teacher-epochs": 30}
     bad_cfg = RunConfig.from_mapping({**run, "backdoor-rate": 0.1})
@@ -294,12 +298,13 @@ def test_vet_flags_a_planted_backdoor_and_not_the_clean_teacher():
     x, y = eval_split(bad_cfg, data).tensors()
     trigger = backdoor_trigger(bad_cfg, data)
     images = data.public.tensors()[0][:128]
-    bad = pretrain_teacher(data, teacher_settings(bad_cfg)).requires_grad_(False)
+    bad = pretrain_teacher(data, TeacherSettings.from_run_config(bad_cfg)).requires_grad_(False)
     found = vet(bad, "cnn-small", images, steps=100)
     assert found.backdoored and found.target == 0 and found.channels
     detox = DetoxifiedTeacher(bad, found.stage, found.mask, found.pattern)
     assert attack_success_rate(bad, x, y, trigger) > 0.9
     assert attack_success_rate(detox, x, y, trigger) < 0.5
-    clean = pretrain_teacher(data, teacher_settings(RunConfig.from_mapping(run))).requires_grad_(False)
+    clean_settings = TeacherSettings.from_run_config(RunConfig.from_mapping(run))
+    clean = pretrain_teacher(data, clean_settings).requires_grad_(False)
     found = vet(clean, "cnn-small", images, steps=100)
     assert not found.backdoored and not found.channels and found.mask.sum() == 0

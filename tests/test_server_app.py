@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 from inprocess import InProcessGrid
 
 from client_app.app import evaluate, train
+from pmafl.assembly import build_model, load_data
 from pmafl.config import RunConfig
 from pmafl.results import (
     CheckpointError,
@@ -16,7 +17,7 @@ from pmafl.results import (
     save_checkpoint,
     without_timing,
 )
-from pmafl.task import build_model, load_data, prepare_teacher
+from pmafl.teacher import prepare_teacher
 from server_app.app import main
 
 
@@ -244,9 +245,9 @@ def test_a_run_stopped_before_any_round_is_summarised(tmp_path):
 
 
 def test_a_backdoored_teachers_trigger_is_scored_every_round(tmp_path):
+    from pmafl.assembly import backdoor_trigger, eval_split
     from pmafl.backdoor import attack_success_rate
     from pmafl.results import summary
-    from pmafl.task import backdoor_trigger, eval_split
 
     folder, results = run_federation(tmp_path, **{"backdoor-rate": 0.1, "num-server-rounds": 1})
     assert all(0 <= r["asr"] <= 1 for r in results["rounds"])
@@ -319,7 +320,7 @@ def test_a_stalled_run_writes_the_results_of_its_completed_rounds(tmp_path):
     holding round 0 and 1 and the reason, and model.pt round 1's model."""
     from flwr.app import Error, Message
 
-    from strategies.pmafl import FederationStalled
+    from strategies import FederationStalled
 
     def failing_from_round_2(msg, context):
         if msg.content["config"]["server-round"] >= 2:

@@ -16,9 +16,10 @@ from flwr.app import (
 from pmafl.config import TrainConfig
 from pmafl.train import train_metric_names
 from strategies import PMAFL
-from strategies.strategy_utils import error_summary, exchange
+from strategies.round_loop import exchange
+from strategies.screening import error_summary
 
-# What a default train reply carries besides num-examples (pmafl_train's loss terms).
+# What a default train reply carries besides num-examples (train_model's loss terms).
 LOSSES = sorted(train_metric_names(TrainConfig()) - {"num-examples"})
 
 
@@ -307,7 +308,7 @@ def test_a_reply_from_a_node_not_sampled_is_left_out():
 
 
 def test_a_round_needs_min_train_nodes_valid_replies_and_a_stalled_run_stops():
-    from strategies.pmafl import FederationStalled
+    from strategies import FederationStalled
 
     strategy = PMAFL(min_available_nodes=3, min_train_nodes=2, max_idle_rounds=2)
     for server_round in (1, 2):
@@ -331,7 +332,7 @@ def test_a_round_needs_min_train_nodes_valid_replies_and_a_stalled_run_stops():
 
 
 def test_too_few_nodes_for_longer_than_the_wait_stops_the_run():
-    from strategies.pmafl import FederationStalled
+    from strategies import FederationStalled
 
     strategy = PMAFL(min_available_nodes=4, min_train_nodes=2, node_wait_timeout=0.2)
     with pytest.raises(FederationStalled, match="3 nodes connected, fewer than 4 \\(min-available-nodes "
@@ -344,7 +345,7 @@ def _record(values):
 
 
 def test_trimmed_mean_and_median_are_coordinate_wise_and_unweighted():
-    from strategies.strategy_utils import robust_aggregate
+    from strategies.aggregation import robust_aggregate
 
     w = [np.array([1.0, 10.0], np.float32), np.array([2.0, 20.0], np.float32),
          np.array([3.0, 30.0], np.float32), np.array([4.0, 40.0], np.float32),
@@ -362,7 +363,7 @@ def test_trimmed_mean_and_median_are_coordinate_wise_and_unweighted():
 
 
 def test_clipping_bounds_each_update_by_the_median_norm():
-    from strategies.strategy_utils import clip_updates
+    from strategies.aggregation import clip_updates
 
     sent = _record({"w": np.zeros(2, np.float32), "n": np.array(0, np.int64)})
     updates = [np.array([3.0, 4.0]), np.array([0.0, 1.0]), np.array([0.0, 2.0]), np.array([300.0, 400.0])]
@@ -408,7 +409,7 @@ class SlowGrid:
 
 def test_exchange_polls_with_growing_waits_until_every_reply_is_in(monkeypatch):
     grid = SlowGrid(ready_after=[1, 3, 7])
-    monkeypatch.setattr("strategies.strategy_utils.time.sleep", grid.waits.append)
+    monkeypatch.setattr("strategies.round_loop.time.sleep", grid.waits.append)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12, 13)]
     replies = exchange(grid, messages, timeout=60, first_wait=0.01, max_wait=0.05)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
@@ -465,16 +466,16 @@ def test_screening_reads_the_bytes_that_would_be_averaged_not_the_declared_metad
 
 
 def test_any_error_while_reading_a_reply_leaves_it_out_never_the_run(monkeypatch):
-    import strategies.pmafl as pmafl_strategy
+    import strategies.screened_fedavg as screened_fedavg
 
-    screen = pmafl_strategy.screen_reply
+    screen = screened_fedavg.screen_reply
 
     def exploding(content, *args):
         if content.metric_records["metrics"]["loss"] == 13.0:
             raise RecursionError("a reply built to break the reader")
         return screen(content, *args)
 
-    monkeypatch.setattr(pmafl_strategy, "screen_reply", exploding)
+    monkeypatch.setattr(screened_fedavg, "screen_reply", exploding)
     strategy = PMAFL(min_available_nodes=3, min_train_nodes=2)
     sent = configured(strategy)
     replies = [reply(sent[11], GOOD, 10), reply(sent[12], GOOD, 10), reply(sent[13], GOOD, 10, loss=13.0)]
@@ -543,7 +544,7 @@ def test_a_claim_far_above_the_rounds_median_is_capped():
 def test_evaluation_honours_the_node_wait_deadline():
     import threading
 
-    from strategies.pmafl import FederationStalled
+    from strategies import FederationStalled
 
     strategy = PMAFL(min_available_nodes=3, min_evaluate_nodes=2, node_wait_timeout=0.2)
     raised = []
@@ -626,9 +627,9 @@ def test_a_non_finite_aggregate_is_discarded_and_the_previous_model_kept(monkeyp
     the global model: the round is recorded as discarded and the run goes on."""
     from inprocess import InProcessGrid
 
-    import strategies.pmafl as pmafl_strategy
+    import strategies.screened_fedavg as screened_fedavg
 
-    aggregate = pmafl_strategy.robust_aggregate
+    aggregate = screened_fedavg.robust_aggregate
 
     def poisoned_in_round_2(records, *args):
         result = aggregate(records, *args)
@@ -639,7 +640,7 @@ def test_a_non_finite_aggregate_is_discarded_and_the_previous_model_kept(monkeyp
                             for k, a in result.items()})
 
     calls = []
-    monkeypatch.setattr(pmafl_strategy, "robust_aggregate", poisoned_in_round_2)
+    monkeypatch.setattr(screened_fedavg, "robust_aggregate", poisoned_in_round_2)
 
     def train(msg, context):
         arrays = {k: a.numpy() + 1.0 for k, a in msg.content["arrays"].items()}
@@ -651,6 +652,37 @@ def test_a_non_finite_aggregate_is_discarded_and_the_previous_model_kept(monkeyp
     result = strategy.start(grid, _arrays(GLOBAL), num_rounds=3, timeout=10,
                             on_round_end=lambda r, arrays, _: models.update({r: arrays["w"].numpy()}))
     assert np.allclose(models[1], 1.0) and np.allclose(models[2], 1.0) and np.allclose(models[3], 2.0)
-    assert "holds NaN or Inf values" in strategy.round_stats[2]["discarded"]
-    assert "discarded" not in strategy.round_stats[3]
+    [discarded] = strategy.round_summary(2)["failures"]
+    assert discarded["stage"] == "aggregate" and discarded["node"] is None
+    assert "holds NaN or Inf values" in discarded["reason"]
+    assert strategy.round_summary(3)["failures"] == []
     assert np.allclose(result.arrays["w"].numpy(), 2.0)
+
+
+def test_the_round_summary_holds_the_servers_columns_in_order():
+    """What a results row takes from the server: the round loop's timing and bytes, the nodes
+    left out (screening's first, then a discarded aggregate), and the round's training radius."""
+    from inprocess import InProcessGrid
+
+    def train(msg, context):
+        arrays = {k: a.numpy() + 1.0 for k, a in msg.content["arrays"].items()}
+        return reply(msg, arrays, 10, **{"compute-seconds": 0.5})
+
+    grid = InProcessGrid({"train": train}, {11: {}, 12: {}}, {})
+    strategy = PMAFL(TrainConfig(eps=0.3), min_available_nodes=2, evaluate_every=0, eps_warmup_rounds=2)
+    strategy.start(grid, _arrays(GLOBAL), num_rounds=2, timeout=10)
+    summary = strategy.round_summary(1)
+    assert list(summary) == ["train-seconds", "train-compute-seconds", "train-startup-seconds",
+                             "train-replies", "evaluate-seconds", "evaluate-compute-seconds",
+                             "evaluate-startup-seconds", "round-seconds", "bytes-sent",
+                             "bytes-received", "failures", "train-eps"]
+    assert summary["train-compute-seconds"] == 0.5 and summary["train-replies"] == 2
+    assert summary["bytes-sent"] == summary["bytes-received"] == 2 * sum(
+        len(a.data) for a in _arrays(GLOBAL).values())
+    assert summary["failures"] == [] and summary["train-eps"] == pytest.approx(0.15)
+    assert strategy.round_summary(2)["train-eps"] == pytest.approx(0.3)
+    assert strategy.round_summary(0) == {"failures": [], "train-eps": 0.0}
+    strategy.failures[2] = [{"stage": "train", "node": 12, "reason": "r"}]
+    strategy.round_stats[2]["discarded"] = "why"
+    assert strategy.round_summary(2)["failures"] == [
+        {"stage": "train", "node": 12, "reason": "r"}, {"stage": "aggregate", "node": None, "reason": "why"}]

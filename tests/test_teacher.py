@@ -1,5 +1,6 @@
 """The teacher cache: round trip, tamper and mismatch detection, build-once."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -9,20 +10,21 @@ import torch
 
 from pmafl.config import RunConfig
 from pmafl.data import load_dataset
+from pmafl.files import file_sha256
 from pmafl.models import create_model
-from pmafl.task import get_teacher, teacher_settings
 from pmafl.teacher import (
     TeacherError,
+    TeacherSettings,
     ensure_teacher,
-    file_sha256,
+    get_teacher,
     load_teacher,
     save_teacher,
     teacher_path,
 )
 
-SETTINGS = teacher_settings(RunConfig.from_mapping({"teacher-model": "cnn-small"}))
+SETTINGS = TeacherSettings.from_run_config(RunConfig.from_mapping({"teacher-model": "cnn-small"}))
 META = {"model": "cnn-small", "dataset": "digits", "num_classes": 10, "in_channels": 1,
-        "mean": [0.3], "std": [0.4], "settings": SETTINGS}
+        "mean": [0.3], "std": [0.4], "settings": SETTINGS.to_dict()}
 
 
 def saved_teacher(tmp_path):
@@ -87,7 +89,7 @@ def test_wrong_number_of_classes_is_refused(tmp_path):
 
 def test_ensure_teacher_builds_once_then_reuses(tmp_path):
     data = load_dataset("digits")
-    settings = {**SETTINGS, "objective": "ce", "epochs": 1}
+    settings = dataclasses.replace(SETTINGS, objective="ce", epochs=1)
     path = teacher_path(tmp_path, settings)
     _, sha256 = ensure_teacher(path, data, settings, data.test)
     built = path.stat().st_mtime_ns
@@ -95,28 +97,42 @@ def test_ensure_teacher_builds_once_then_reuses(tmp_path):
     assert again == sha256 and path.stat().st_mtime_ns == built
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["dataset"] == "digits" and 0.0 <= record["test_clean_acc"] <= 1.0
-    assert record["settings"] == settings and record["test_examples"] == len(data.test)
+    assert record["settings"] == settings.to_dict() and record["test_examples"] == len(data.test)
 
 
-@pytest.mark.parametrize("key, value", [("eps", 0.1), ("objective", "ce"), ("epochs", 5),
-                                        ("attack", "fgsm-rs"), ("public_fraction", 0.2)])
-def test_every_setting_that_defines_the_teacher_picks_another_file(key, value):
-    assert teacher_path("", {**SETTINGS, key: value}) != teacher_path("", SETTINGS)
+def other_value(value):
+    """A value of the same kind that differs from `value`."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return {"rate": 0.1, "target": 1, "patch": 2, "value": 1.0, "position": "top-left"}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TeacherSettings)])
+def test_every_pretraining_setting_is_in_the_cache_key(field):
+    """Each field of TeacherSettings, the optimiser's and the attack's included, changes the
+    file a run looks for: a changed default never serves a teacher trained otherwise."""
+    changed = dataclasses.replace(SETTINGS, **{field: other_value(getattr(SETTINGS, field))})
+    assert changed.key() != SETTINGS.key()
+    assert teacher_path("", changed) != teacher_path("", SETTINGS)
 
 
 def test_run_config_changes_that_define_the_teacher_change_its_settings():
-    base = teacher_settings(RunConfig())
+    base = TeacherSettings.from_run_config(RunConfig())
     for overrides in ({"eps": 0.1}, {"teacher-objective": "ce"}, {"teacher-epochs": 3},
                       {"public-fraction": 0.2}, {"teacher-attack": "fgsm-rs"}):
-        assert teacher_settings(RunConfig.from_mapping(overrides)) != base, overrides
-    assert teacher_settings(RunConfig.from_mapping({"lr": 0.1, "seed": 4})) == base
+        assert TeacherSettings.from_run_config(RunConfig.from_mapping(overrides)) != base, overrides
+    assert TeacherSettings.from_run_config(RunConfig.from_mapping({"lr": 0.1, "seed": 4})) == base
 
 
 def test_a_record_with_other_settings_is_refused_by_name(tmp_path):
     _, path, _ = saved_teacher(tmp_path)
     expected = "other settings than the run's \\(eps: 0.2 recorded, 0.1 wanted\\)"
     with pytest.raises(TeacherError, match=expected):
-        load_teacher(path, 10, settings={**SETTINGS, "eps": 0.1})
+        load_teacher(path, 10, settings=dataclasses.replace(SETTINGS, eps=0.1))
 
 
 def test_a_node_never_pretrains_inside_a_round(tmp_path):
@@ -128,27 +144,27 @@ def test_a_node_never_pretrains_inside_a_round(tmp_path):
 
 
 def test_pretrain_command_builds_the_teacher_a_run_looks_for(tmp_path, capsys):
-    from pmafl.teacher_cli import main
+    from pmafl.teacher.cli import main
 
     overrides = "teacher-model='cnn-small' teacher-objective='ce' teacher-epochs=1"
     assert main(["pretrain", "--cache-dir", str(tmp_path), "--run-config", overrides]) == 0
     out = capsys.readouterr().out
     cfg = RunConfig.from_mapping({"teacher-model": "cnn-small", "teacher-objective": "ce",
                                   "teacher-epochs": 1, "teacher-cache-dir": str(tmp_path)})
-    path = teacher_path(tmp_path, teacher_settings(cfg))
+    path = teacher_path(tmp_path, TeacherSettings.from_run_config(cfg))
     assert f"Teacher {path}" in out and f"sha256 {file_sha256(path)}" in out
     assert get_teacher(cfg, 10)[1] == file_sha256(path)
     assert main(["pretrain", "--run-config", "eps=-1"]) == 1
     assert "--run-config key 'eps': expected a number >= 0" in capsys.readouterr().err
 
 
-def test_seed_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, capsys):
-    from pmafl.teacher_cli import main
+def test_import_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, capsys):
+    from pmafl.teacher.cli import main
 
     model, source, sha256 = saved_teacher(tmp_path / "elsewhere")
     record = json.loads(source.with_suffix(".json").read_text())
-    assert record["settings"] == SETTINGS
-    assert main(["seed", str(source), "--cache-dir", str(tmp_path / "node")]) == 0
+    assert record["settings"] == SETTINGS.to_dict()
+    assert main(["import", str(source), "--cache-dir", str(tmp_path / "node")]) == 0
     out = capsys.readouterr().out
     assert f"sha256 {sha256}" in out and f"teacher-sha256='{sha256}'" in out
     target = teacher_path(tmp_path / "node", SETTINGS)
@@ -159,26 +175,26 @@ def test_seed_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, ca
     assert f"ok           {sha256}" in capsys.readouterr().out
 
 
-def test_seed_command_refuses_bad_files_with_the_reason(tmp_path, capsys):
-    from pmafl.teacher_cli import main
+def test_import_command_refuses_bad_files_with_the_reason(tmp_path, capsys):
+    from pmafl.teacher.cli import main
 
     _, source, _ = saved_teacher(tmp_path / "elsewhere")
     bare = tmp_path / "weights.pt"
     bare.write_bytes(source.read_bytes())
-    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node")]) == 1
+    assert main(["import", str(bare), "--cache-dir", str(tmp_path / "node")]) == 1
     assert "pass --run-config with the run it is for" in capsys.readouterr().err
     # No record: the settings come from the run config, and the architecture must fit the weights.
-    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
+    assert main(["import", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
                  "teacher-model='cnn-large'"]) == 1
-    assert "is not a state dict of 'cnn-large' for digits" in capsys.readouterr().err
-    assert main(["seed", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
+    assert "does not fit architecture 'cnn-large'" in capsys.readouterr().err
+    assert main(["import", str(bare), "--cache-dir", str(tmp_path / "node"), "--run-config",
                  "teacher-model='cnn-small'"]) == 0
     assert f"sha256 {file_sha256(bare)}" in capsys.readouterr().out
     assert teacher_path(tmp_path / "node", SETTINGS).read_bytes() == bare.read_bytes()
     # A file that no longer matches its own record is refused.
     with source.open("ab") as f:
         f.write(b"x")
-    assert main(["seed", str(source), "--cache-dir", str(tmp_path / "other")]) == 1
+    assert main(["import", str(source), "--cache-dir", str(tmp_path / "other")]) == 1
     assert "does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
@@ -222,14 +238,14 @@ def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, caps
     backdoor is tested in test_robustkd.py): it prints the verdict, writes the vet file and its
     sha256 into the record, and a run with robustkd-weight then loads the detoxified teacher."""
     from pmafl.robustkd import DetoxifiedTeacher
-    from pmafl.teacher_cli import main
+    from pmafl.teacher.cli import main
 
     overrides = "teacher-model='cnn-small' teacher-objective='ce' teacher-epochs=1"
     assert main(["pretrain", "--cache-dir", str(tmp_path), "--run-config", overrides]) == 0
     cfg = RunConfig.from_mapping({"teacher-model": "cnn-small", "teacher-objective": "ce",
                                   "teacher-epochs": 1, "teacher-cache-dir": str(tmp_path),
                                   "robustkd-weight": 1.0})
-    path = teacher_path(tmp_path, teacher_settings(cfg))
+    path = teacher_path(tmp_path, TeacherSettings.from_run_config(cfg))
     sha256 = file_sha256(path)
     with pytest.raises(TeacherError, match="has not been vetted"):
         get_teacher(cfg, 10)
@@ -248,20 +264,20 @@ def test_vet_command_writes_the_detoxification_beside_the_teacher(tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_a_vetted_teacher_is_seeded_with_its_detoxification(tmp_path):
+def test_a_vetted_teacher_is_imported_with_its_detoxification(tmp_path):
     from pmafl.robustkd import VetResult
     from pmafl.teacher import load_detoxified, vet_path, write_vet
-    from pmafl.teacher_cli import seed
+    from pmafl.teacher.cli import import_teacher
 
     _, source, sha256 = saved_teacher(tmp_path / "elsewhere")
     mask = torch.zeros(32, 8, 8)
     mask[1] = 1.0
     vet = write_vet(source, VetResult([4.0] + [10.0] * 9, 5.0, 0, torch.zeros(8, 8),
                                       torch.zeros(1, 8, 8), "net.2", mask, torch.zeros(32, 8, 8)))
-    target, _ = seed(source, str(tmp_path / "node"))
+    target, _ = import_teacher(source, str(tmp_path / "node"))
     assert vet_path(target).read_bytes() == vet_path(source).read_bytes()
     detox, record = load_detoxified(target, load_teacher(target, 10, sha256)[0])
     assert record["sha256"] == vet["sha256"] and record["channels"] == [1]
     vet_path(source).write_bytes(b"tampered")
     with pytest.raises(TeacherError, match="vet file .* does not match"):
-        seed(source, str(tmp_path / "other"))
+        import_teacher(source, str(tmp_path / "other"))

@@ -11,7 +11,7 @@ from pmafl.data import make_loader
 from pmafl.losses import adversarial_mixture_kd, global_consistency, trades_kl, vanilla_mixture_kd
 from pmafl.models import create_model
 from pmafl.objectives import OBJECTIVES, StepContext, forward_views, pmafl_step
-from pmafl.train import class_log_prior, pmafl_train, warmup_eps
+from pmafl.train import class_log_prior, train_model, warmup_eps
 
 
 def tiny_problem(n=48, seed=0):
@@ -77,9 +77,9 @@ def test_training_lowers_the_loss_and_reports_num_examples(objective, train_atta
     loader = make_loader(x, y, teacher_logits, batch_size=16, shuffle=True)
     cfg = TrainConfig(objective=objective, lr=0.02, eps=0.05, pgd_step_ratio=0.4, pgd_steps=3,
                       lambda_alg=0.0, local_epochs=1, train_attack=train_attack)
-    first = pmafl_train(student, teacher, loader, cfg)
+    first = train_model(student, teacher, loader, cfg)
     for _ in range(8):
-        last = pmafl_train(student, teacher, loader, cfg)
+        last = train_model(student, teacher, loader, cfg)
     assert last["num-examples"] == 48
     assert last["loss"] < 0.7 * first["loss"]
     if objective == "pmafl":
@@ -89,7 +89,7 @@ def test_training_lowers_the_loss_and_reports_num_examples(objective, train_atta
 def test_pmafl_needs_a_teacher():
     x, y = tiny_problem(8)
     with pytest.raises(ValueError, match="needs a teacher"):
-        pmafl_train(model(), None, make_loader(x, y, batch_size=4, shuffle=False), TrainConfig())
+        train_model(model(), None, make_loader(x, y, batch_size=4, shuffle=False), TrainConfig())
 
 
 def test_consistency_term_pulls_towards_the_received_model():
@@ -103,7 +103,7 @@ def test_consistency_term_pulls_towards_the_received_model():
     def drift(lambda_alg):
         student.load_state_dict(received)
         torch.manual_seed(0)
-        pmafl_train(student, teacher, loader, TrainConfig(**{**cfg.__dict__, "lambda_alg": lambda_alg}))
+        train_model(student, teacher, loader, TrainConfig(**{**cfg.__dict__, "lambda_alg": lambda_alg}))
         return sum((student.state_dict()[k] - received[k]).pow(2).sum() for k in received).item()
 
     assert drift(1.0) < 0.5 * drift(0.0)
@@ -115,7 +115,7 @@ def test_gradient_clipping_bounds_each_step():
     before = [p.detach().clone() for p in student.parameters()]
     cfg = TrainConfig(objective="ce", lr=0.1, momentum=0.0, weight_decay=0.0, grad_clip=0.01,
                       local_epochs=1)
-    pmafl_train(student, None, make_loader(x, y, batch_size=16, shuffle=False), cfg)
+    train_model(student, None, make_loader(x, y, batch_size=16, shuffle=False), cfg)
     step = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(student.parameters(), before)))
     assert 0 < step.item() <= 0.1 * 0.01 * (1 + 1e-4)
 
@@ -164,7 +164,7 @@ def test_ablation_is_pmafl_with_one_ingredient_off(ablation, override):
                 TrainConfig(objective="pmafl", pgd_steps=2, local_epochs=1, **override)):
         student = model(0)
         torch.manual_seed(5)
-        results.append(pmafl_train(student, teacher, loader, cfg))
+        results.append(train_model(student, teacher, loader, cfg))
     assert results[0] == results[1]
 
 
@@ -180,7 +180,7 @@ def test_class_log_prior_is_the_log_of_the_label_frequencies():
 
 
 def test_calfat_trains_with_the_prior_of_the_loader_labels():
-    """pmafl_train hands CalFAT the log prior of the node's labels: its loss equals the calibrated
+    """train_model hands CalFAT the log prior of the node's labels: its loss equals the calibrated
     CE recomputed by hand on the same adversarial examples."""
     x, y = tiny_problem(8)
     y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 3])
@@ -189,7 +189,7 @@ def test_calfat_trains_with_the_prior_of_the_loader_labels():
                       train_attack="fgsm-rs", calfat_tau=1.0)
     loader = make_loader(x, y, batch_size=8, shuffle=False)
     torch.manual_seed(3)
-    metrics = pmafl_train(student, None, loader, cfg)
+    metrics = train_model(student, None, loader, cfg)
     torch.manual_seed(3)
     next(iter(loader))  # a DataLoader draws its worker seed from the global generator
     log_prior = torch.log(torch.tensor([5 / 9, 2 / 9, 1 / 9, 1 / 9]))
@@ -219,7 +219,7 @@ def test_batchnorm_models_see_each_view_with_its_own_batch_statistics():
 @pytest.mark.parametrize("weights", [{}, {"ce_weight": 0.5, "kdiga_weight": 1.0}])
 def test_the_metric_keys_a_server_expects_are_the_ones_training_returns(objective, weights):
     """`train_metric_names` (what PMAFL's screening requires of every train reply) against what
-    `pmafl_train` really returns, for every objective and add-on term."""
+    `train_model` really returns, for every objective and add-on term."""
     from pmafl.train import train_metric_names
 
     distils = OBJECTIVES[objective].needs_teacher
@@ -227,6 +227,14 @@ def test_the_metric_keys_a_server_expects_are_the_ones_training_returns(objectiv
         weights = {"ce_weight": 0.5}
     x, y = tiny_problem(8)
     cfg = TrainConfig(objective=objective, local_epochs=1, pgd_steps=1, **weights)
-    metrics = pmafl_train(model(0), model(1) if distils else None,
+    metrics = train_model(model(0), model(1) if distils else None,
                           make_loader(x, y, batch_size=8, shuffle=False), cfg)
     assert set(metrics) == train_metric_names(cfg)
+
+
+def test_the_plugin_name_is_the_training_function():
+    """`pmafl_train`, the plug-in API's first name for `train_model`, stays importable."""
+    import pmafl
+    from pmafl.train import pmafl_train, train_model
+
+    assert pmafl.pmafl_train is pmafl_train is train_model is pmafl.train_model

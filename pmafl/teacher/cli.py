@@ -1,15 +1,15 @@
-"""pmafl-teacher: pre-train a run's teacher ahead of the run, put a teacher file into a node's
-cache, or show what a cache holds.
+"""pmafl-teacher: pre-train a run's teacher ahead of the run, import a teacher file into a node's
+cache, show what a cache holds, or vet a teacher for a backdoor.
 
     pmafl-teacher pretrain --run-config "dataset='fashion-mnist'"      # as `flwr run` would use it
-    pmafl-teacher seed teacher.pt --cache-dir /data/teachers            # record beside teacher.pt
-    pmafl-teacher seed weights.pt --cache-dir DIR --run-config "dataset='digits' teacher-model='cnn-large'"
+    pmafl-teacher import teacher.pt --cache-dir /data/teachers          # record beside teacher.pt
+    pmafl-teacher import weights.pt --cache-dir DIR --run-config "dataset='digits' teacher-model='cnn-large'"
     pmafl-teacher show --cache-dir /data/teachers
-    pmafl-teacher vet ~/.cache/pmafl/teachers/digits--cnn-large--62c6365f10.pt
+    pmafl-teacher vet ~/.cache/pmafl/teachers/digits--cnn-large--<key>.pt
 
 `pretrain` builds the teacher that a run with the given run config (pyproject defaults otherwise)
 looks for, unless the cache already holds it: pre-training takes minutes to a quarter of an hour
-and belongs before the run, not inside a round. `seed` checks that the file loads into the
+and belongs before the run, not inside a round. `import` checks that the file loads into the
 architecture, copies it into the cache under the name a run looks for
 (`<dataset>--<model>--<settings key>.pt`, with its `.json` record) and prints its sha256: pass
 that to the run as `teacher-sha256` so that every node must hold this very file. The teacher's
@@ -26,23 +26,21 @@ from the detoxified teacher; they vet a teacher that has no vet record before ro
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pmafl.assembly import load_data
 from pmafl.config import ConfigError, RunConfig, parse_overrides
-from pmafl.files import write_atomic
-from pmafl.models import create_model
+from pmafl.files import file_sha256, write_atomic
+from pmafl.models import ModelFileError, create_model, load_weights
 from pmafl.objectives import needs_teacher
 from pmafl.robustkd import VET_STEPS
-from pmafl.task import ensure_vet, load_data, prepare_teacher, teacher_settings, vet_summary
-from pmafl.teacher import (
+from pmafl.teacher.cache import (
     TeacherError,
     cache_folder,
     copy_teacher,
-    file_sha256,
     load_detoxified,
     load_teacher,
     read_record,
@@ -50,6 +48,8 @@ from pmafl.teacher import (
     teacher_record,
     vet_path,
 )
+from pmafl.teacher.prepare import ensure_vet, prepare_teacher, vet_summary
+from pmafl.teacher.settings import TeacherSettings
 
 
 def parse_run_config(items: list[str]) -> RunConfig:
@@ -58,7 +58,7 @@ def parse_run_config(items: list[str]) -> RunConfig:
     return RunConfig.from_mapping(parse_overrides(items), where="--run-config")
 
 
-def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Path, str]:
+def import_teacher(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Path, str]:
     """Copy the teacher at `source` into `cache_dir`; return its cache path and sha256. Its
     settings come from the record beside it, else from `cfg` (the run it is meant for)."""
     if not source.is_file():
@@ -73,15 +73,17 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
             raise TeacherError(f"no record {record} gives the teacher's settings: pass --run-config "
                                "with the run it is for (dataset, teacher-model, ...)")
         data = load_data(cfg)
-        meta = teacher_record(data, teacher_settings(cfg))
-    model, dataset = meta["model"], meta["dataset"]
-    net = create_model(model, meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+        meta = teacher_record(data, TeacherSettings.from_run_config(cfg))
     try:
-        net.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
-    except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file gets the same answer
-        raise TeacherError(f"teacher file {source} is not a state dict of {model!r} for "
-                           f"{dataset}: {e}") from e
-    target = teacher_path(cache_dir, meta["settings"])
+        settings = TeacherSettings.from_dict(meta["settings"], f"teacher record {record}")
+    except ValueError as e:
+        raise TeacherError(str(e)) from e
+    net = create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+    try:
+        load_weights(net, source, meta["model"], what="teacher file")
+    except ModelFileError as e:
+        raise TeacherError(str(e)) from e
+    target = teacher_path(cache_dir, settings)
     meta = {k: v for k, v in meta.items() if k not in ("sha256", "file")}
     meta["seeded_from"] = str(source.resolve())
     if "vet" in meta:  # a vetted teacher travels with its detoxification, checked first
@@ -90,14 +92,12 @@ def seed(source: Path, cache_dir: str, cfg: RunConfig | None = None) -> tuple[Pa
         meta["vet"] = {**meta["vet"], "file": vet_path(target).name}
     sha256 = copy_teacher(source, target, meta)
     # The cache now verifies it like a run does.
-    load_teacher(target, meta["num_classes"], sha256, settings=meta["settings"])
+    load_teacher(target, meta["num_classes"], sha256, settings=settings)
     return target, sha256
 
 
 def pretrain(cfg: RunConfig, cache_dir: str) -> tuple[Path, str, dict[str, Any]]:
     """The run's teacher in `cache_dir` (pre-trained when absent): path, sha256, record."""
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _, sha256, path = prepare_teacher(cfg, load_data(cfg), cache_dir)
     return path, sha256, read_record(path.with_suffix(".json"))
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p_pre = sub.add_parser("pretrain", help="pre-train the teacher a run will use, unless cached")
     p_pre.add_argument("--run-config", action="append", default=[], help=config_help)
     p_pre.add_argument("--cache-dir", default="", help=cache_help)
-    p_seed = sub.add_parser("seed", help="copy a teacher file into a cache and print its sha256")
-    p_seed.add_argument("file", type=Path)
-    p_seed.add_argument("--cache-dir", default="", help=cache_help)
-    p_seed.add_argument("--run-config", action="append", default=None,
+    p_import = sub.add_parser("import", help="copy a teacher file into a cache and print its sha256")
+    p_import.add_argument("file", type=Path)
+    p_import.add_argument("--cache-dir", default="", help=cache_help)
+    p_import.add_argument("--run-config", action="append", default=None,
                         help="for a file without a record: the run it is for; " + config_help)
     p_show = sub.add_parser("show", help="list a cache's teachers, checksums and integrity")
     p_show.add_argument("--cache-dir", default="")
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sha256 {sha256}")
             print(f"on {record['test_examples']} test images: clean {record['test_clean_acc']:.3f}, "
                   f"PGD-20 {record['test_pgd_acc']:.3f} (eps {record['settings']['eps']:g})")
-        elif args.command == "seed":
+        elif args.command == "import":
             cfg = parse_run_config(args.run_config) if args.run_config is not None else None
-            target, sha256 = seed(args.file, args.cache_dir, cfg)
-            print(f"Seeded {target}")
+            target, sha256 = import_teacher(args.file, args.cache_dir, cfg)
+            print(f"Imported {target}")
             print(f"sha256 {sha256}")
             print(f"Runs that must use exactly this teacher: --run-config \"teacher-sha256='{sha256}'\"")
         elif args.command == "vet":

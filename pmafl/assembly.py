@@ -1,6 +1,8 @@
-"""From a `RunConfig` to the objects a run works with: device, data, models, a client's share.
+"""Run assembly: from a `RunConfig` to the objects a run works with (device, data, models, a
+node's share of the pool and its local test split, seeds, the backdoor trigger, FedFTG's server).
 
-The ServerApp and ClientApp call these; so can any script (see `tests/test_plugin.py`).
+The ServerApp and ClientApp call these; so can any script (see `tests/test_plugin.py`). The
+teacher's life (settings, cache, pre-training, vetting) is `pmafl.teacher`'s.
 """
 
 from __future__ import annotations
@@ -8,13 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from filelock import FileLock
-from torch import nn
 
 from pmafl.backdoor import Trigger, poison
 from pmafl.config import ConfigError, RunConfig
@@ -29,24 +27,6 @@ from pmafl.data import (
 )
 from pmafl.fedftg import FedFTGConfig, FedFTGServer
 from pmafl.models import Normalized, create_model
-from pmafl.robustkd import (
-    ANOMALY_THRESHOLD,
-    MAX_NORM_RATIO,
-    OUTLIER_NORM_RATIO,
-    VET_IMAGES,
-    VET_STEPS,
-    norm_ratio,
-    vet,
-)
-from pmafl.teacher import (
-    TeacherError,
-    ensure_teacher,
-    load_detoxified,
-    load_teacher,
-    read_record,
-    teacher_path,
-    write_vet,
-)
 
 log = logging.getLogger(__name__)
 
@@ -171,84 +151,3 @@ def build_fedftg(cfg: RunConfig, data: FederatedData, device: torch.device | Non
     return FedFTGServer(data.num_classes, data.in_channels, data.test.images.shape[-1],
                         FedFTGConfig(robust=cfg.server_finetune == "fedftg-robust"),
                         seed=cfg.seed, device=device, attack_config=cfg.train)
-
-
-def teacher_settings(cfg: RunConfig) -> dict:
-    """Everything that defines the run's teacher: its cache key. A planted backdoor adds its
-    trigger and poison rate (a clean teacher's settings hold no backdoor key)."""
-    settings = {"dataset": cfg.dataset, "model": cfg.teacher_model, "objective": cfg.teacher_objective,
-                "attack": cfg.teacher_attack, "epochs": cfg.teacher_epochs, "eps": cfg.train.eps,
-                "public_fraction": cfg.public_fraction, "split_seed": SPLIT_SEED}
-    if cfg.backdoor_rate > 0:
-        settings["backdoor"] = {"rate": cfg.backdoor_rate, **backdoor_trigger(cfg).to_dict()}
-    return settings
-
-
-def prepare_teacher(cfg: RunConfig, data: FederatedData, cache_dir: str = "",
-                    device: torch.device | None = None) -> tuple[nn.Module, str, Path]:
-    """The run's teacher from the cache, pre-trained there first when absent (a long job: the
-    ServerApp and `pmafl-teacher pretrain` call this before any round); with its sha256 and path."""
-    backdoor_trigger(cfg, data)  # a target class out of range stops here, before training
-    settings = teacher_settings(cfg)
-    path = teacher_path(cache_dir or cfg.teacher_cache_dir, settings)
-    teacher, sha256 = ensure_teacher(path, data, settings, eval_split(cfg, data), cfg.teacher_sha256,
-                                     device or torch.device("cpu"))
-    if cfg.train.robustkd_weight > 0:
-        ensure_vet(path, teacher, cfg.teacher_model, data)
-    return teacher, sha256, path
-
-
-def ensure_vet(path: Path, teacher: nn.Module, model_name: str, data: FederatedData,
-               again: bool = False, steps: int = VET_STEPS) -> dict:
-    """The vet record of the teacher at `path` (RobustKD's detection and detoxification, written
-    beside it), vetting it first when it has none (or `again`): Neural Cleanse with `steps` steps
-    per class on the public split's first `VET_IMAGES` images, which every node's copy of the
-    dataset holds, so that any node computes the same record."""
-    with FileLock(str(path) + ".lock"):
-        vet_record = read_record(path.with_suffix(".json")).get("vet")
-        if vet_record is None or again:
-            log.info("teacher %s: vetting it (Neural Cleanse over %d classes, %d steps each)",
-                     path.name, data.num_classes, steps)
-            images = data.public.tensors()[0][:VET_IMAGES].to(next(teacher.parameters()).device)
-            vet_record = write_vet(path, vet(teacher, model_name, images, steps, seed=SPLIT_SEED))
-            log.info("teacher %s: %s", path.name, vet_summary(vet_record))
-    return vet_record
-
-
-def vet_summary(record: dict) -> str:
-    """One line on a vet record."""
-    norms = record["norms"]
-    evidence = (f"class {record['target']} needs a {min(norms):.1f}-pixel trigger, "
-                f"{norm_ratio(norms):.2f}x the median class's {statistics.median(norms):.1f}, anomaly "
-                f"index {record['anomaly_index']:.2f} (flagged at most {MAX_NORM_RATIO:g}x with an "
-                f"index above {ANOMALY_THRESHOLD:g}, or at most {OUTLIER_NORM_RATIO:g}x)")
-    if record["backdoored"]:
-        return (f"looks BACKDOORED: {evidence}; {len(record['channels'])} channels of "
-                f"{record['stage']} masked")
-    return f"looks clean: {evidence}; nothing masked"
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_teacher(path: Path, num_classes: int, cfg: RunConfig,
-                    device: torch.device) -> tuple[nn.Module, str]:
-    if not path.is_file():
-        raise TeacherError(
-            f"no teacher for this run's settings at {path}: pre-train it before the run with "
-            f"`pmafl-teacher pretrain --run-config \"...\"` (the run's config), or seed it with "
-            "`pmafl-teacher seed FILE --cache-dir DIR`")
-    teacher, sha256 = load_teacher(path, num_classes, cfg.teacher_sha256, device,
-                                   teacher_settings(cfg))
-    if cfg.train.robustkd_weight > 0:
-        teacher, record = load_detoxified(path, teacher)
-        sha256 = f"{sha256}+vet:{record['sha256']}"
-    return teacher, sha256
-
-
-def get_teacher(cfg: RunConfig, num_classes: int, cache_dir: str = "",
-                device: torch.device | None = None) -> tuple[nn.Module, str]:
-    """The node's verified cached teacher, loaded once per process, and its sha256. It is never
-    pre-trained here, inside a round's timeout: a missing one is an error that says how to
-    prepare it. With `robustkd-weight` > 0 it is the detoxified teacher (its recorded vet), and the
-    checksum covers the vet file too."""
-    path = teacher_path(cache_dir or cfg.teacher_cache_dir, teacher_settings(cfg))
-    return _cached_teacher(path, num_classes, cfg, device or torch.device("cpu"))

@@ -1,0 +1,88 @@
+"""bench/worst_node.py and bench/teacher_study.py: the analysis against numbers recomputed here,
+and argument checks before any work. (A real federation runs in tests/test_simulation.py.)"""
+
+import json
+
+import numpy as np
+import pytest
+import teacher_study
+import torch
+import worst_node
+
+from pmafl.assembly import build_model, load_data, node_data
+from pmafl.config import RunConfig
+
+
+def test_worst_node_predicts_each_node_from_its_class_mix(tmp_path):
+    cfg = RunConfig.from_mapping({"seed": 3})
+    torch.manual_seed(0)
+    model = build_model(cfg, load_data(cfg))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "rounds": [{"round": 1, "fed_num_clients": 4}]}))
+
+    result = worst_node.analyse(tmp_path, test_n=200)
+
+    assert result["test_n"] == 200 and len(result["nodes"]) == 4
+    class_pgd = np.array([p["pgd20_acc"] for p in result["per_class"]])
+    class_n = np.array([p["n"] for p in result["per_class"]])
+    assert class_n.sum() == 200 and result["pgd20_acc"] == pytest.approx(class_pgd @ class_n / 200)
+    pool = 0
+    for row in result["nodes"]:
+        node = node_data(cfg, row["node"], 4)
+        labels = node.test.labels.numpy()
+        share = np.bincount(labels, minlength=10) / len(labels)
+        assert row["predicted_pgd20_acc"] == pytest.approx(float(share @ class_pgd))
+        assert row["train_class_counts"] == np.bincount(node.train.labels.numpy(), minlength=10).tolist()
+        counts = np.array(row["train_class_counts"], dtype=float)
+        p = counts[counts > 0] / counts.sum()
+        assert row["effective_classes"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
+        x, y = node.test.tensors()
+        with torch.no_grad():  # the clean score, recomputed
+            clean = (model.eval()(x).argmax(1) == y).float().mean().item()
+        assert row["clean_acc"] == pytest.approx(clean)
+        pool += row["train_examples"]
+    assert pool == len(load_data(cfg).pool)  # the four partitions cover the pool
+
+
+def test_worst_node_refuses_a_folder_without_a_finished_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        worst_node.main([str(tmp_path)])
+    assert "holds no results.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("nokeys", "NAME=KEYS"),
+    ("=teacher-epochs=3", "NAME=KEYS"),
+    ("x=teacher-epochs=0", "'teacher-epochs': expected an integer >= 1, got 0"),
+    ("x=no-such-key=1", "no-such-key"),
+])
+def test_teacher_study_refuses_a_bad_variant_before_any_teacher_trains(variant, message, capsys):
+    with pytest.raises(SystemExit):
+        teacher_study.parse_args(["--variant", variant])
+    assert message in capsys.readouterr().err
+
+
+def test_teacher_study_variants_add_their_keys_to_the_shared_ones():
+    args = teacher_study.parse_args(["--set", "dataset='fashion-mnist'", "--variant", "a=",
+                                     "--variant", "b=teacher-epochs=30 public-fraction=0.2"])
+    assert args.variants == {"a": ["dataset='fashion-mnist'"],
+                             "b": ["dataset='fashion-mnist'", "teacher-epochs=30", "public-fraction=0.2"]}
+    assert set(teacher_study.parse_args([]).variants) == set(teacher_study.VARIANTS)
+
+
+def test_same_rounds_finds_a_changed_value_and_ignores_timing(tmp_path):
+    import same_rounds
+
+    before = {"config": {"seed": 0, "results-dir": "a"},
+              "rounds": [{"round": 0, "clean_acc": 0.5, "round_seconds": 1.0},
+                         {"round": 1, "clean_acc": 0.75, "round_seconds": 2.0}]}
+    timing = {"config": {"seed": 0, "results-dir": "b"},
+              "rounds": [{"round": 0, "clean_acc": 0.5, "round_seconds": 9.0},
+                         {"round": 1, "clean_acc": 0.75, "round_seconds": 3.0}]}
+    assert same_rounds.differences(before, timing) == []
+    changed = json.loads(json.dumps(timing))
+    changed["rounds"][1]["clean_acc"] = 0.7
+    assert same_rounds.differences(before, changed) == ["round 1 clean_acc: 0.75 before, 0.7 after"]
+    changed["rounds"][1] = {"clean_acc": 0.75, "round": 1}
+    assert "round 1: keys ['round', 'clean_acc'] before" in same_rounds.differences(before, changed)[0]
