@@ -91,10 +91,12 @@ GRIDS: dict[str, str] = {
     "hostile-fashion": "python bench/hostile.py --rounds 10 --set \"dataset='fashion-mnist'\"",
     "robustkd-fashion/vet.json": "python bench/vet_teachers.py --set \"dataset='fashion-mnist'\" "
                                  "--kinds KIND --seeds 0,1,2",
-    "teachers/digits.json": "pmafl-evaluate ~/.cache/pmafl/teachers/digits--cnn-large--62c6365f10.pt "
+    # The run's teacher, wherever its cache key puts it (`pmafl-teacher pretrain` prints its path).
+    "teachers/digits.json": "pmafl-evaluate \"$(pmafl-teacher pretrain | sed -n 's/^Teacher //p')\" "
                             "--autoattack-n 200",
-    "teachers/fashion-mnist.json": "pmafl-evaluate ~/.cache/pmafl/teachers/fashion-mnist--cnn-large"
-                                   "--98945f405c.pt --limit 2000 --autoattack-n 200",
+    "teachers/fashion-mnist.json": "pmafl-evaluate \"$(pmafl-teacher pretrain --run-config "
+                                   "\"dataset='fashion-mnist'\" | sed -n 's/^Teacher //p')\" "
+                                   "--limit 2000 --autoattack-n 200",
 }
 
 # A column: its final.json key and header; the first five are compare.py's report columns.
