@@ -43,6 +43,7 @@ from inprocess import InProcessGrid  # noqa: E402
 
 from client_app.app import evaluate, train  # noqa: E402
 from pmafl.config import RunConfig, parse_overrides  # noqa: E402
+from pmafl.protocol import ARRAYS, METRICS, NUM_EXAMPLES  # noqa: E402
 from server_app.app import main  # noqa: E402
 
 ATTACKS = ("none", "scale", "sign-flip-claim", "float64-bytes", "garbage-bytes", "metric-keys")
@@ -58,8 +59,8 @@ def attack_reply(reply: Message, attack: str, rng: np.random.Generator) -> Messa
     if attack == "none" or reply.has_error():
         return reply
     content = reply.content
-    arrays: ArrayRecord = content["arrays"]
-    metrics: MetricRecord = content["metrics"]
+    arrays: ArrayRecord = content[ARRAYS]
+    metrics: MetricRecord = content[METRICS]
     for key, values in _floats(arrays).items():
         if attack == "scale":
             arrays[key] = Array(values * np.float32(1e4))
@@ -74,7 +75,7 @@ def attack_reply(reply: Message, attack: str, rng: np.random.Generator) -> Messa
             arrays[key] = Array(dtype=honest.dtype, shape=honest.shape, stype=honest.stype,
                                 data=rng.bytes(len(honest.data)))
     if attack == "sign-flip-claim":
-        metrics["num-examples"] = 10**12
+        metrics[NUM_EXAMPLES] = 10**12
     if attack == "metric-keys":
         metrics["clean_acc"] = metrics["pgd_acc"] = 1.0
     return reply

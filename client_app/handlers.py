@@ -35,7 +35,7 @@ from pmafl.data import Split, make_loader
 from pmafl.evaluate import evaluate as evaluate_model
 from pmafl.fedftg import label_counts
 from pmafl.kdiga import teacher_input_gradients
-from pmafl.objectives import needs_teacher
+from pmafl.objectives import active_add_ons, needs_teacher
 from pmafl.protocol import (
     ARRAYS,
     COMPUTE_SECONDS,
@@ -166,7 +166,8 @@ def train(content: RecordDict, context: Context, process_start: float | None = N
         cache_dir = str(context.node_config.get("teacher-cache-dir", ""))
         teacher, sha256 = get_teacher(cfg, data.num_classes, cache_dir, device)
         tensors += _teacher_tensors(context, teacher, sha256, images, labels,
-                                    input_grads=train_config.kdiga_weight > 0)
+                                    input_grads=any("teacher_input_grads" in a.batch_fields
+                                                    for a in active_add_ons(train_config).values()))
     # Seeded after the model and teacher are built: loading the teacher draws random numbers only
     # the first time in a process.
     seed = client_seed(cfg.seed, server_round, partition_id)

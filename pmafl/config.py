@@ -27,7 +27,7 @@ from pmafl.compression import COMPRESSIONS
 from pmafl.data import DATASETS
 from pmafl.fedftg import VARIANTS
 from pmafl.models import is_known_model, model_names
-from pmafl.objectives import OBJECTIVES, needs_teacher
+from pmafl.objectives import OBJECTIVES, active_add_ons, needs_teacher
 from pmafl.protocol import LABEL_COUNTS, SERVER_ROUND
 from pmafl.robustkd import FEATURE_STAGES
 
@@ -318,13 +318,11 @@ class RunConfig:
         if cfg.server_finetune == "fedftg-robust" and cfg.train.eps <= 0:
             raise ConfigError(f"{where} key 'server-finetune': 'fedftg-robust' attacks within eps, "
                               "which is 0")
-        if cfg.train.kdiga_weight > 0 and not needs_teacher(cfg.train.objective):
-            raise ConfigError(f"{where} key 'kdiga-weight': the alignment term needs an objective "
-                              f"that distils from the teacher, got objective {cfg.train.objective!r}")
-        if cfg.train.robustkd_weight > 0 and not needs_teacher(cfg.train.objective):
-            raise ConfigError(f"{where} key 'robustkd-weight': feature distillation needs an "
-                              f"objective that distils from the teacher, got objective "
-                              f"{cfg.train.objective!r}")
+        for add_on in active_add_ons(cfg.train).values():
+            if not needs_teacher(cfg.train.objective):
+                raise ConfigError(f"{where} key '{_key(add_on.weight)}': {add_on.doc} needs an "
+                                  f"objective that distils from the teacher, got objective "
+                                  f"{cfg.train.objective!r}")
         for key, name in (("model", cfg.model), ("teacher-model", cfg.teacher_model)):
             if not is_known_model(name):
                 raise ConfigError(f"{where} key '{key}': expected one of {', '.join(model_names())}, "

@@ -53,7 +53,10 @@ def saved_settings(model_file: Path) -> dict[str, Any]:
                  "mean": meta.get("mean"), "std": meta.get("std"),
                  "public_fraction": settings.get("public_fraction", 0.3)}
         if "backdoor" in settings:
-            found["trigger"] = TeacherSettings.from_dict(settings, str(record)).trigger()
+            try:
+                found["trigger"] = TeacherSettings.from_dict(settings, f"teacher record {record}").trigger()
+            except (ValueError, TypeError) as e:
+                sys.exit(f"pmafl-evaluate: {e}")
         return found
     return {}
 

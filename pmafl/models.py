@@ -70,7 +70,7 @@ class ModelFileError(ValueError):
 def load_weights(model: nn.Module, path: str | Path, architecture: str, what: str = "model file"
                  ) -> nn.Module:
     """`model` with the state dict stored at `path`: the project's one reader of model files (a
-    run's model.pt, a checkpoint's model, a cached teacher).
+    run's model.pt, a cached teacher; a checkpoint, which holds more, is `pmafl.results`').
 
     Parameters
     ----------

@@ -250,12 +250,18 @@ class AddOn:
     ----------
     term : str
         Its metric name (a key of the client's metrics, which the server checks).
+    doc : str
+        What it is, for errors ("the alignment term").
     weight : str
         The `TrainConfig` field that weights it.
     loss : Callable[[nn.Module, nn.Module, Batch, nn.Module | None], torch.Tensor]
         The term on one batch: `loss(model, teacher, batch, module)`; `module` is what `module`
-        built (None without one). It reads the batch's fields by name, e.g. a precomputed
-        `teacher_input_grads`, computing them itself when the batch lacks them.
+        built (None without one). It reads the batch's fields by name, computing a missing one
+        itself.
+    batch_fields : tuple of str
+        The precomputed `Batch` fields it reads (`teacher_input_grads`): a node computes them
+        once, on its un-augmented images, and carries them in every batch
+        (`client_app.handlers`).
     module : Callable[[nn.Module, nn.Module, torch.Tensor, Any], nn.Module] or None
         Builds a trainable module the term needs besides the model (RobustKD's connectors):
         `module(model, teacher, images, config)`, `images` the client's first clean images. It
@@ -265,13 +271,16 @@ class AddOn:
 
     term: str
     weight: str
+    doc: str
     loss: Callable[[nn.Module, nn.Module, Batch, nn.Module | None], torch.Tensor]
+    batch_fields: tuple[str, ...] = ()
     module: Callable[[nn.Module, nn.Module, torch.Tensor, Any], nn.Module] | None = None
 
 
 ADD_ONS: dict[str, AddOn] = {
-    "kdiga": AddOn("loss-ga", "kdiga_weight", alignment_term),
-    "robustkd": AddOn("loss-feat", "robustkd_weight", feature_term,
+    "kdiga": AddOn("loss-ga", "kdiga_weight", "the alignment term", alignment_term,
+                   batch_fields=("teacher_input_grads",)),
+    "robustkd": AddOn("loss-feat", "robustkd_weight", "feature distillation", feature_term,
                       module=lambda model, teacher, images, config: feature_module(
                           model, teacher, images, config.robustkd_noise)),
 }

@@ -375,8 +375,8 @@ def architecture(model: nn.Module) -> str:
     inner = model.teacher if isinstance(model, DetoxifiedTeacher) else model
     name = getattr(inner, "arch", "")
     if not name:
-        raise ValueError("the model does not say its architecture (build it with "
-                         "pmafl.models.create_model, or pass a FeatureDistiller built by hand)")
+        raise ValueError("the model does not say its architecture: build it with "
+                         "pmafl.models.create_model (RobustKD's feature stages are known by name)")
     return name
 
 

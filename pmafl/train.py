@@ -126,6 +126,8 @@ def train_model(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     for name, add_on in add_ons.items():
         if add_on.module is None:
             continue
+        # Built from the RNG as the caller seeded it (a client, per round): its first weights are
+        # the same in every run with one seed, and local training draws as if it were not built.
         with torch.random.fork_rng(devices=[]):
             module = add_on.module(model, ctx.teacher, _first_images(loader, device), config)
         if add_on_state and name in add_on_state:

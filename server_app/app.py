@@ -128,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
     if needs_teacher(cfg.train.objective) and not cfg.teacher_sha256:
         # Pre-training a missing teacher is long: it happens here, before round 1, not inside a
         # round's timeout. Simulated nodes share this cache. A run that names `teacher-sha256`
-        # has seeded its nodes with that file (`pmafl-teacher seed`): nothing to prepare here.
+        # has imported that file into its nodes' caches (`pmafl-teacher import`): nothing to prepare here.
         _, sha256, path = prepare_teacher(cfg, data, device=device)
         log(INFO, "pmafl: teacher %s (sha256 %s)", path, sha256)
 

@@ -34,6 +34,25 @@ def saved_teacher(tmp_path):
     return model, path, save_teacher(model, path, META)
 
 
+def test_import_completes_a_record_written_before_the_key_held_every_setting(tmp_path, capsys):
+    """A record from before the cache key held the optimiser's and attack's settings lists only
+    the first eight; import files the teacher under its full name, the missing settings at the
+    defaults that pre-training used."""
+    from pmafl.teacher import write_record
+    from pmafl.teacher.cli import main
+
+    _, source, _ = saved_teacher(tmp_path / "old")
+    record = json.loads(source.with_suffix(".json").read_text())
+    old = ("dataset", "model", "objective", "attack", "epochs", "eps", "public_fraction", "split_seed")
+    record["settings"] = {k: record["settings"][k] for k in old}
+    write_record(source, {k: v for k, v in record.items() if k not in ("sha256", "file")})
+    assert main(["import", str(source), "--cache-dir", str(tmp_path / "node")]) == 0
+    target = teacher_path(tmp_path / "node", SETTINGS)
+    assert target.read_bytes() == source.read_bytes()
+    assert json.loads(target.with_suffix(".json").read_text())["settings"] == SETTINGS.to_dict()
+    load_teacher(target, 10, settings=SETTINGS)
+
+
 def test_round_trip_restores_weights_and_freezes_the_teacher(tmp_path):
     model, path, sha256 = saved_teacher(tmp_path)
     assert sha256 == file_sha256(path)

@@ -84,8 +84,11 @@ def import_teacher(source: Path, cache_dir: str, cfg: RunConfig | None = None) -
     except ModelFileError as e:
         raise TeacherError(str(e)) from e
     target = teacher_path(cache_dir, settings)
-    meta = {k: v for k, v in meta.items() if k not in ("sha256", "file")}
-    meta["seeded_from"] = str(source.resolve())
+    # A record from before the cache key held every pre-training setting lacks some: they get the
+    # defaults, which are what that pre-training used, so the file lands under its current name.
+    meta = {**{k: v for k, v in meta.items() if k not in ("sha256", "file")},
+            "settings": settings.to_dict()}
+    meta["seeded_from"] = str(source.resolve())  # the record's name for it since `import` was `seed`
     if "vet" in meta:  # a vetted teacher travels with its detoxification, checked first
         load_detoxified(source, net)
         write_atomic(vet_path(target), lambda f: f.write(vet_path(source).read_bytes()))

@@ -38,8 +38,10 @@ class TeacherSettings:
         The attack radius; it ramps up linearly over the first epochs / `ramp_divisor` epochs
         (adversarial training at the full radius from a random start does not get off the ground
         on small data).
-    public_fraction : float
-        The share of the training split kept public; `split_seed` draws it.
+    public_fraction, split_seed : float, int
+        Which public split the teacher trained on: the share of the training split kept public,
+        and the seed that drew it (`pmafl.data.SPLIT_SEED`). `pretrain_teacher` trains on the
+        split it is given; these say which one that was.
     lr, momentum, weight_decay, grad_clip, batch_size : float, float, float, float, int
         SGD on the public split (`grad_clip` 0: none; plain adversarial cross-entropy does not
         diverge here).
