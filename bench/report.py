@@ -91,6 +91,7 @@ GRIDS: dict[str, str] = {
     "hostile-fashion": "python bench/hostile.py --rounds 10 --set \"dataset='fashion-mnist'\"",
     "robustkd-fashion/vet.json": "python bench/vet_teachers.py --set \"dataset='fashion-mnist'\" "
                                  "--kinds KIND --seeds 0,1,2",
+    "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
     "teacher-study-fashion/study.json": "python bench/teacher_study.py --set \"dataset='fashion-mnist'\" "
                                         "--set dirichlet-alpha=0.3",
     # The run's teacher, wherever its cache key puts it (`pmafl-teacher pretrain` prints its path).
@@ -320,6 +321,26 @@ def teacher_study(name: str) -> Callable[[], str]:
     return render
 
 
+def worst_node(name: str) -> Callable[[], str]:
+    """bench/worst_node.py's file: each node's score beside its data size and class mix."""
+    def render() -> str:
+        src = Sources()
+        data = src.file(f"worst-node/{name}.json")
+        body = [[str(n["node"]), str(n["train_examples"]), f"{n['effective_classes']:.1f}",
+                 f"{n['clean_acc']:.3f}", f"{n['pgd20_acc']:.3f}", f"{n['predicted_pgd20_acc']:.3f}"]
+                for n in sorted(data["nodes"], key=lambda n: n["pgd20_acc"])]
+        header = ["node", "training images", "effective classes", "clean", "PGD-20",
+                  "PGD-20 its class mix predicts"]
+        classes = ", ".join(f"{c['class']}: {c['pgd20_acc']:.2f}" for c in data["per_class"])
+        notes = (f"\n`{data['objective']}`, seed {data['seed']}, on {data['dataset']}: PGD-20 per class on "
+                 f"{data['test_n']:,} test images {classes}. A node's PGD-20 correlates with its "
+                 f"class mix's prediction at {data['corr_pgd20_predicted']:.2f}, with its training "
+                 f"images at {data['corr_pgd20_train_examples']:.2f}, with its effective number of "
+                 f"classes at {data['corr_pgd20_effective_classes']:.2f}.\n")
+        return _table(header, body) + notes + src.caption()
+    return render
+
+
 def overview() -> str:
     """The README's one table: every method on both datasets, clean, PGD-20 and AutoAttack."""
     src = Sources()
@@ -526,6 +547,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "hostile-fashion": hostile(("default", "hostile-fashion")),
     "defaults-cost": honest_cost,
     "teacher-study-fashion": teacher_study("teacher-study-fashion"),
+    "worst-node-digits": worst_node("digits-pmafl-seed0"),
 }
 
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
