@@ -91,6 +91,9 @@ GRIDS: dict[str, str] = {
     "hostile-fashion": "python bench/hostile.py --rounds 10 --set \"dataset='fashion-mnist'\"",
     "robustkd-fashion/vet.json": "python bench/vet_teachers.py --set \"dataset='fashion-mnist'\" "
                                  "--kinds KIND --seeds 0,1,2",
+    "curves/fashion-2000.json": "python bench/curves.py " + " ".join(
+        f"--run {m}=docs/results/fashion-mnist:{m}" for m in ("pgd-at", "fat", "trades", "calfat", "pmafl"))
+        + " --run \"pmafl + KDIGA=docs/results/kdiga-fashion/weight1:pmafl\"",
     "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
     "teacher-study-fashion/study.json": "python bench/teacher_study.py --set \"dataset='fashion-mnist'\" "
                                         "--set dirichlet-alpha=0.3",
@@ -341,6 +344,27 @@ def worst_node(name: str) -> Callable[[], str]:
     return render
 
 
+def curves(name: str, at: tuple[int, ...] = (10, 20, 30)) -> Callable[[], str]:
+    """bench/curves.py's file: the per-round central evaluation at a few rounds, mean over seeds,
+    and what the last ten rounds added."""
+    def render() -> str:
+        src = Sources()
+        data = src.file(f"curves/{name}.json")
+        body = []
+        for label, c in data.items():
+            index = {r: i for i, r in enumerate(c["rounds"])}
+            last = c["rounds"][-1]
+            cells = [f"{c['clean_acc'][index[r]]:.3f} / {c['pgd_acc'][index[r]]:.3f}" for r in at]
+            gain = c["pgd_acc"][index[last]] - c["pgd_acc"][index[last - 10]]
+            body.append([label, *cells, f"{gain:+.3f}", str(c["seeds"])])
+        header = ["run", *(f"round {r}: clean / PGD-20" for r in at), "PGD-20 gain, last 10 rounds",
+                  "seeds"]
+        note = (f"\nThe per-round central evaluation (the run's `eval-examples` test images), mean over "
+                f"seeds; the curves: [{name}.png](results/curves/{name}.png).\n")
+        return _table(header, body) + note + src.caption()
+    return render
+
+
 def overview() -> str:
     """The README's one table: every method on both datasets, clean, PGD-20 and AutoAttack."""
     src = Sources()
@@ -548,6 +572,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "defaults-cost": honest_cost,
     "teacher-study-fashion": teacher_study("teacher-study-fashion"),
     "worst-node-digits": worst_node("digits-pmafl-seed0"),
+    "curves-fashion-2000": curves("fashion-2000"),
 }
 
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)

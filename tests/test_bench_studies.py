@@ -86,3 +86,15 @@ def test_same_rounds_finds_a_changed_value_and_ignores_timing(tmp_path):
     assert same_rounds.differences(before, changed) == ["round 1 clean_acc: 0.75 before, 0.7 after"]
     changed["rounds"][1] = {"clean_acc": 0.75, "round": 1}
     assert "round 1: keys ['round', 'clean_acc'] before" in same_rounds.differences(before, changed)[0]
+
+
+def test_curves_average_the_seeds_round_by_round():
+    import curves
+
+    seeds = [[{"round": 0, "clean_acc": 0.1, "pgd_acc": 0.0}, {"round": 1, "clean_acc": 0.5, "pgd_acc": 0.2}],
+             [{"round": 0, "clean_acc": 0.3, "pgd_acc": 0.0}, {"round": 1, "clean_acc": 0.7, "pgd_acc": 0.4},
+              {"round": 2, "clean_acc": 0.9, "pgd_acc": 0.5}]]
+    out = curves.summarise(seeds)
+    assert out["rounds"] == [0, 1] and out["seeds"] == 2  # the rounds every seed has
+    assert out["clean_acc"] == pytest.approx([0.2, 0.6])
+    assert out["pgd_acc_std"] == pytest.approx([0.0, 0.1414213562])  # stdev of 0.2, 0.4
