@@ -192,6 +192,12 @@ def test_import_command_copies_the_exact_file_and_prints_its_checksum(tmp_path, 
     assert loaded_sha == sha256
     assert main(["show", "--cache-dir", str(tmp_path / "node")]) == 0
     assert f"ok           {sha256}" in capsys.readouterr().out
+    # The same file under another name (as a cache written before the key held every setting).
+    old = target.with_name("digits--cnn-small--0123456789.pt")
+    old.write_bytes(target.read_bytes())
+    old.with_suffix(".json").write_text(target.with_suffix(".json").read_text())
+    assert main(["show", "--cache-dir", str(tmp_path / "node")]) == 0
+    assert f"OLD NAME     {sha256}  {old}" in capsys.readouterr().out
 
 
 def test_import_command_refuses_bad_files_with_the_reason(tmp_path, capsys):

@@ -121,13 +121,26 @@ def vet_file(path: Path, run_config: list[str], steps: int = VET_STEPS) -> dict[
     return ensure_vet(path, teacher, meta["model"], data, again=True, steps=steps)
 
 
+def _current_name(meta: dict[str, Any]) -> str | None:
+    """The file name a record's settings give today (None when they do not parse)."""
+    try:
+        return TeacherSettings.from_dict(meta.get("settings"), "record").file_name()
+    except (ValueError, TypeError):
+        return None
+
+
 def show(cache_dir: str) -> list[dict[str, Any]]:
+    """A row per record in the cache: the file, its sha256, and whether it is `ok`, `TAMPERED`
+    (the file's checksum is not the record's), `MISSING FILE`, or under an `OLD NAME` (its
+    settings name another file today: a run never finds it; `import` it again)."""
     rows = []
     for record in sorted(cache_folder(cache_dir).glob("*.json")):
         meta = read_record(record)
         pt = record.with_suffix(".pt")
         actual = file_sha256(pt) if pt.is_file() else None
         status = "ok" if actual == meta.get("sha256") else "MISSING FILE" if actual is None else "TAMPERED"
+        if status == "ok" and _current_name(meta) != pt.name:
+            status = "OLD NAME"
         rows.append({"file": str(pt), "sha256": meta.get("sha256"), "status": status,
                      "dataset": meta.get("dataset"), "model": meta.get("model")})
     return rows
@@ -150,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p_import.add_argument("--cache-dir", default="", help=cache_help)
     p_import.add_argument("--run-config", action="append", default=None,
                         help="for a file without a record: the run it is for; " + config_help)
-    p_show = sub.add_parser("show", help="list a cache's teachers, checksums and integrity")
+    p_show = sub.add_parser("show", help="list a cache's teachers, checksums and integrity (OLD NAME: "
+                            "cached under a name runs no longer look for; import it again)")
     p_show.add_argument("--cache-dir", default="")
     p_vet = sub.add_parser("vet", help="check a cached teacher for a backdoor and write its "
                            "detoxification beside it")
