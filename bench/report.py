@@ -339,7 +339,13 @@ def worst_node(name: str) -> Callable[[], str]:
                  f"{data['test_n']:,} test images {classes}. A node's PGD-20 correlates with its "
                  f"class mix's prediction at {data['corr_pgd20_predicted']:.2f}, with its training "
                  f"images at {data['corr_pgd20_train_examples']:.2f}, with its effective number of "
-                 f"classes at {data['corr_pgd20_effective_classes']:.2f}.\n")
+                 f"classes at {data['corr_pgd20_effective_classes']:.2f}.")
+        if "teacher_pgd20_acc" in data:
+            teacher = ", ".join(f"{c['class']}: {c['teacher_pgd20_acc']:.2f}" for c in data["per_class"])
+            notes += (f" The run's teacher on the same images: PGD-20 {data['teacher_pgd20_acc']:.3f}, per "
+                      f"class {teacher}; the student's per-class PGD-20 correlates with the teacher's "
+                      f"at {data['corr_class_pgd20_teacher']:.2f}.")
+        notes += "\n"
         return _table(header, body) + notes + src.caption()
     return render
 

@@ -31,6 +31,8 @@ from pmafl.attacks import eval_pgd  # noqa: E402
 from pmafl.config import RunConfig  # noqa: E402
 from pmafl.data import evaluation_subset  # noqa: E402
 from pmafl.models import load_weights  # noqa: E402
+from pmafl.objectives import needs_teacher  # noqa: E402
+from pmafl.teacher import get_teacher  # noqa: E402
 
 
 def correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
@@ -89,12 +91,24 @@ def analyse(run: Path, test_n: int, nodes: int | None = None) -> dict:
                      "predicted_clean_acc": float(share @ class_clean),
                      "predicted_pgd20_acc": float(share @ class_pgd)})
     pgd = [r["pgd20_acc"] for r in rows]
-    return {"run": str(run), "dataset": cfg.dataset, "objective": cfg.train.objective, "seed": cfg.seed,
-            "test_n": len(labels), "pgd20_acc": float(robust.mean()), "per_class": per_class,
-            "nodes": rows,
-            "corr_pgd20_predicted": pearson(pgd, [r["predicted_pgd20_acc"] for r in rows]),
-            "corr_pgd20_train_examples": pearson(pgd, [r["train_examples"] for r in rows]),
-            "corr_pgd20_effective_classes": pearson(pgd, [r["effective_classes"] for r in rows])}
+    found = {"run": str(run), "dataset": cfg.dataset, "objective": cfg.train.objective, "seed": cfg.seed,
+             "test_n": len(labels), "pgd20_acc": float(robust.mean()), "per_class": per_class,
+             "nodes": rows,
+             "corr_pgd20_predicted": pearson(pgd, [r["predicted_pgd20_acc"] for r in rows]),
+             "corr_pgd20_train_examples": pearson(pgd, [r["train_examples"] for r in rows]),
+             "corr_pgd20_effective_classes": pearson(pgd, [r["effective_classes"] for r in rows])}
+    if needs_teacher(cfg.train.objective):
+        # The run's teacher on the same images and PGD seed: is a class weak in the student
+        # because it is weak in the teacher?
+        teacher, _ = get_teacher(cfg, data.num_classes)
+        torch.manual_seed(cfg.seed)
+        _, teacher_robust = correct(teacher, x, y, cfg.train.eps)
+        teacher_class = [float(teacher_robust[labels == c].mean()) for c in range(data.num_classes)]
+        for entry, acc in zip(per_class, teacher_class, strict=True):
+            entry["teacher_pgd20_acc"] = acc
+        found["teacher_pgd20_acc"] = float(teacher_robust.mean())
+        found["corr_class_pgd20_teacher"] = pearson(list(class_pgd), teacher_class)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"correlation of a node's PGD-20 with: its prediction from its class mix "
           f"{result['corr_pgd20_predicted']:.2f}, its data size {result['corr_pgd20_train_examples']:.2f},"
           f" its effective number of classes {result['corr_pgd20_effective_classes']:.2f}")
+    if "teacher_pgd20_acc" in result:
+        print(f"the run's teacher: PGD-20 {result['teacher_pgd20_acc']:.3f}; per class: "
+              + " ".join(f"{p['class']}:{p['teacher_pgd20_acc']:.2f}" for p in result["per_class"])
+              + f"; correlation of the student's per-class PGD-20 with the teacher's "
+              f"{result['corr_class_pgd20_teacher']:.2f}")
     print(f"Written to {out}")
     return 0
 
