@@ -95,6 +95,8 @@ GRIDS: dict[str, str] = {
         f"--run {m}=docs/results/fashion-mnist:{m}" for m in ("pgd-at", "fat", "trades", "calfat", "pmafl"))
         + " --run \"pmafl + KDIGA=docs/results/kdiga-fashion/weight1:pmafl\"",
     "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
+    "worst-node/digits-pgd-at-seed0.json": "./run.sh --run-config \"objective='pgd-at'\" && "
+                                           "python bench/worst_node.py results/<run>",
     "teacher-study-fashion/study.json": "python bench/teacher_study.py --set \"dataset='fashion-mnist'\" "
                                         "--set dirichlet-alpha=0.3",
     # The run's teacher, wherever its cache key puts it (`pmafl-teacher pretrain` prints its path).
@@ -578,6 +580,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "defaults-cost": honest_cost,
     "teacher-study-fashion": teacher_study("teacher-study-fashion"),
     "worst-node-digits": worst_node("digits-pmafl-seed0"),
+    "worst-node-digits-pgd-at": worst_node("digits-pgd-at-seed0"),
     "curves-fashion-2000": curves("fashion-2000"),
 }
 
