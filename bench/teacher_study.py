@@ -12,8 +12,10 @@ A variant is `NAME=KEYS`, KEYS space-separated run-config overrides (empty: the 
 and timed there (`pretrain_seconds` of its record). It is scored by `pmafl-evaluate` on the same
 test images as the students (clean, PGD-20, AutoAttack on the first `--autoattack-n`); its
 student is one `bench/compare.py` cell per seed with the variant's keys, in
-`<out>/students/<variant>/`. `<out>/study.json` holds one row per variant; a variant whose row
-exists is skipped, so an interrupted study resumes.
+`<out>/students/<variant>/`. `<out>/study.json` holds one row per variant. An interrupted study
+resumes: a variant whose row exists is skipped, a teacher report in `<out>/teachers/` written for
+the same teacher file (by sha256) and test images is read instead of scoring the teacher again,
+and finished student cells are kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import compare  # noqa: E402
 
 from pmafl.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
+from pmafl.files import file_sha256  # noqa: E402
 from pmafl.teacher.cli import pretrain  # noqa: E402
 
 # The four settings, one at a time from the Fashion-MNIST default (public split 6,000 images,
@@ -83,14 +86,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def scored_before(report: Path, sha256: str, args: argparse.Namespace) -> dict | None:
+    """The teacher's report at `report` when an earlier call wrote it for this very teacher file
+    (the file it names still has `sha256`) on the same test images; else None."""
+    if not report.is_file():
+        return None
+    found = json.loads(report.read_text())
+    model_file = Path(found.get("model_file", ""))
+    same_file = model_file.is_file() and file_sha256(model_file) == sha256
+    same_images = (found.get("num_examples") == args.test_n or args.test_n == 0) and \
+        found.get("autoattack_n") == args.autoattack_n
+    return found if same_file and same_images else None
+
+
 def study_row(name: str, items: list[str], args: argparse.Namespace) -> dict:
     """Pre-train (or find) the variant's teacher, score it, run its students; the study's row."""
     cfg = RunConfig.from_mapping(parse_overrides(items, f"--variant {name}"))
     path, sha256, record = pretrain(cfg, "")
     print(f"{name}: teacher {path.name}, pre-trained in {record.get('pretrain_seconds', '?')} s", flush=True)
-    teacher = evaluate_model_file([str(path), "--attacks", "pgd20,autoattack", "--limit", str(args.test_n),
-                                   "--autoattack-n", str(args.autoattack_n), "--sweep", "0",
-                                   "--out", str(args.out / "teachers" / f"{name}.json")])
+    report = args.out / "teachers" / f"{name}.json"
+    teacher = scored_before(report, sha256, args)
+    if teacher is None:  # AutoAttack on a cnn-large teacher takes most of an hour on 2 cores
+        teacher = evaluate_model_file([str(path), "--attacks", "pgd20,autoattack", "--limit",
+                                       str(args.test_n), "--autoattack-n", str(args.autoattack_n),
+                                       "--sweep", "0", "--out", str(report)])
     students = args.out / "students" / name
     grid = ["--methods", args.method, "--seeds", args.seeds, "--alphas", repr(cfg.dirichlet_alpha),
             "--out", str(students), "--test-n", str(args.test_n), "--autoattack-n", str(args.autoattack_n)]

@@ -159,6 +159,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                                          make_attack("pgd20", model, eps))
 
     out = args.out or args.model_file.with_name(args.model_file.name + ".robustness.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"{settings['model']} on {settings['dataset']} ({len(labels)} test images), eps {eps:g}:")
     if "asr" in report:

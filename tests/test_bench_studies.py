@@ -98,3 +98,21 @@ def test_curves_average_the_seeds_round_by_round():
     assert out["rounds"] == [0, 1] and out["seeds"] == 2  # the rounds every seed has
     assert out["clean_acc"] == pytest.approx([0.2, 0.6])
     assert out["pgd_acc_std"] == pytest.approx([0.0, 0.1414213562])  # stdev of 0.2, 0.4
+
+
+def test_teacher_study_reads_a_teacher_report_only_for_the_same_file_and_images(tmp_path):
+    from pmafl.files import file_sha256
+
+    teacher = tmp_path / "t.pt"
+    teacher.write_bytes(b"weights")
+    report = tmp_path / "teachers" / "default.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"model_file": str(teacher), "num_examples": 2000, "autoattack_n": 200,
+                                  "clean_acc": 0.8}))
+    args = teacher_study.parse_args(["--variant", "default="])
+    sha = file_sha256(teacher)
+    assert teacher_study.scored_before(report, sha, args)["clean_acc"] == 0.8
+    assert teacher_study.scored_before(report, "0" * 64, args) is None  # another teacher file
+    args.autoattack_n = 100
+    assert teacher_study.scored_before(report, sha, args) is None  # other images
+    assert teacher_study.scored_before(tmp_path / "absent.json", sha, args) is None

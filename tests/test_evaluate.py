@@ -126,3 +126,15 @@ def test_cli_refuses_a_truncated_or_code_carrying_model_file(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(SystemExit, match="model.pt is not a plain state dict"):
         run([str(path), "--model", "cnn-small", "--dataset", "digits", "--eps", "0.2"])
+
+
+def test_cli_writes_its_report_into_a_folder_it_creates(tmp_path):
+    """A study writes each report into a folder of its own: it need not exist yet (a missing
+    folder once cost an hour of AutoAttack at the write)."""
+    path = tmp_path / "digits--cnn-small.pt"
+    save_teacher(create_model("cnn-small", 10, 1, [0.3], [0.4]), path,
+                 {"model": "cnn-small", "dataset": "digits", "num_classes": 10, "in_channels": 1,
+                  "mean": [0.3], "std": [0.4], "settings": {"eps": 0.2, "public_fraction": 0.3}})
+    out = tmp_path / "study" / "teachers" / "default.json"
+    report = run([str(path), "--limit", "8", "--attacks", "fgsm", "--sweep", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
