@@ -97,6 +97,8 @@ GRIDS: dict[str, str] = {
     "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
     "worst-node/digits-pgd-at-seed0.json": "./run.sh --run-config \"objective='pgd-at'\" && "
                                            "python bench/worst_node.py results/<run>",
+    "worst-node/fashion-pmafl-seed0.json": "python bench/worst_node.py docs/results/teacher-study-fashion/"
+                                           "students/default/runs/pmafl_alpha0.3_seed0/results/<run>",
     "teacher-study-fashion/study.json": "python bench/teacher_study.py --set \"dataset='fashion-mnist'\" "
                                         "--set dirichlet-alpha=0.3",
     # The run's teacher, wherever its cache key puts it (`pmafl-teacher pretrain` prints its path).
@@ -581,6 +583,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "teacher-study-fashion": teacher_study("teacher-study-fashion"),
     "worst-node-digits": worst_node("digits-pmafl-seed0"),
     "worst-node-digits-pgd-at": worst_node("digits-pgd-at-seed0"),
+    "worst-node-fashion": worst_node("fashion-pmafl-seed0"),
     "curves-fashion-2000": curves("fashion-2000"),
 }
 
