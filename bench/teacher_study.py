@@ -94,7 +94,8 @@ def scored_before(report: Path, sha256: str, args: argparse.Namespace) -> dict |
     found = json.loads(report.read_text())
     model_file = Path(found.get("model_file", ""))
     same_file = model_file.is_file() and file_sha256(model_file) == sha256
-    same_images = (found.get("num_examples") == args.test_n or args.test_n == 0) and \
+    # A report does not say which --limit made it: with the whole test split (0), score again.
+    same_images = 0 < args.test_n == found.get("num_examples") and \
         found.get("autoattack_n") == args.autoattack_n
     return found if same_file and same_images else None
 

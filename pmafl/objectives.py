@@ -250,10 +250,10 @@ class AddOn:
     ----------
     term : str
         Its metric name (a key of the client's metrics, which the server checks).
-    doc : str
-        What it is, for errors ("the alignment term").
     weight : str
         The `TrainConfig` field that weights it.
+    doc : str
+        What it is, for errors ("the alignment term").
     loss : Callable[[nn.Module, nn.Module, Batch, nn.Module | None], torch.Tensor]
         The term on one batch: `loss(model, teacher, batch, module)`; `module` is what `module`
         built (None without one). It reads the batch's fields by name, computing a missing one

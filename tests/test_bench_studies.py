@@ -116,3 +116,18 @@ def test_teacher_study_reads_a_teacher_report_only_for_the_same_file_and_images(
     args.autoattack_n = 100
     assert teacher_study.scored_before(report, sha, args) is None  # other images
     assert teacher_study.scored_before(tmp_path / "absent.json", sha, args) is None
+
+
+
+def test_teacher_study_scores_the_whole_test_split_again(tmp_path):
+    """With --test-n 0 a report cannot show which images it used: the teacher is scored again."""
+    from pmafl.files import file_sha256
+
+    teacher = tmp_path / "t.pt"
+    teacher.write_bytes(b"weights")
+    report = tmp_path / "default.json"
+    report.write_text(json.dumps({"model_file": str(teacher), "num_examples": 10000, "autoattack_n": 200}))
+    args = teacher_study.parse_args(["--variant", "default=", "--test-n", "0"])
+    assert teacher_study.scored_before(report, file_sha256(teacher), args) is None
+    args.test_n = 10000
+    assert teacher_study.scored_before(report, file_sha256(teacher), args) is not None

@@ -306,3 +306,8 @@ def test_a_vetted_teacher_is_imported_with_its_detoxification(tmp_path):
     vet_path(source).write_bytes(b"tampered")
     with pytest.raises(TeacherError, match="vet file .* does not match"):
         import_teacher(source, str(tmp_path / "other"))
+
+
+def test_settings_from_a_record_refuse_a_backdoor_that_is_no_object():
+    with pytest.raises(ValueError, match="'backdoor' setting must be an object"):
+        TeacherSettings.from_dict({**SETTINGS.to_dict(), "backdoor": 3}, "record r.json")

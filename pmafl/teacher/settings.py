@@ -93,6 +93,9 @@ class TeacherSettings:
         if not isinstance(values, dict) or not required <= set(values) <= names:
             raise ValueError(f"{where}: the teacher's settings must hold {sorted(required)} and at "
                              f"most {sorted(names - required)}, got {values!r}")
+        if not isinstance(values.get("backdoor") or {}, dict):
+            raise ValueError(f"{where}: the teacher's 'backdoor' setting must be an object (rate and "
+                             f"trigger), got {values['backdoor']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
