@@ -172,6 +172,11 @@ class TrainConfig:
     pgd_step_ratio: float = option(0.25, "Step of the training PGD as a fraction of eps.",
                                    low=0, high=1, low_open=True)
     pgd_steps: int = option(10, "PGD steps K for training adversarial examples.", low=1)
+    fair_q: float = option(0.0, "q-FFL fairness (Li et al. 2020): each node also reports "
+                           "`global-loss`, the adversarial cross-entropy of the global model it "
+                           "received on its data, and the server multiplies its weight in the mean "
+                           "by (global-loss / the round's median)^q, at most `weight-cap` (so no "
+                           "node outweighs the median node by a claim). 0: off (FedAvg).", low=0)
     update_compression: str = option("none", "What a client sends back (`pmafl.compression`): "
                                      "`none` (its model, float32); `fp16` (its update, the "
                                      "difference from the global model, in float16); `int8` (the "
@@ -330,6 +335,9 @@ class RunConfig:
             if cfg.train.robustkd_weight > 0 and name not in FEATURE_STAGES:
                 raise ConfigError(f"{where} key '{key}': robustkd-weight needs a model whose "
                                   f"feature stages are known ({', '.join(FEATURE_STAGES)}), got {name!r}")
+        if cfg.train.fair_q > 0 and cfg.aggregation != "mean":
+            raise ConfigError(f"{where} key 'fair-q': q-FFL weights the mean, so it needs "
+                              f"aggregation 'mean', got {cfg.aggregation!r}")
         if cfg.min_available_nodes < cfg.min_train_nodes:
             raise ConfigError(f"{where} key 'min-available-nodes': expected >= min-train-nodes "
                               f"({cfg.min_train_nodes}), got {cfg.min_available_nodes}")

@@ -19,6 +19,9 @@ SERVER_ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"
 # Config flag asking for the client's label counts (FedFTG), and the reply metric holding them.
 LABEL_COUNTS = "label-counts"
+# Reply metric with `fair-q` > 0: q-FFL's F_k, the node's mean adversarial cross-entropy of the
+# global model it received, on its training data (`pmafl.train.global_loss`).
+GLOBAL_LOSS = "global-loss"
 # Reply metric: the seconds of the local training or evaluation itself; the round loop keeps the
 # slowest and takes it out of the metrics, which must not depend on load.
 COMPUTE_SECONDS = "compute-seconds"

@@ -19,23 +19,27 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.functional import cross_entropy
 from torch.utils.data import DataLoader, TensorDataset
 
+from pmafl.attacks.factory import training_attack
 from pmafl.batch import Batch
 from pmafl.config import TrainConfig
 from pmafl.objectives import ADD_ONS, OBJECTIVES, StepContext, active_add_ons
-from pmafl.protocol import NUM_EXAMPLES
+from pmafl.protocol import GLOBAL_LOSS, NUM_EXAMPLES
 from pmafl.robustkd import MARGIN_IMAGES
 
 
 def train_metric_names(config: TrainConfig) -> frozenset[str]:
     """The metric keys `train_model` returns for `config`: "loss", the objective's terms, every
     weighted term (the objective's own and the add-ons') whose weight is > 0, and
-    "num-examples". A server checks every train reply against them."""
+    "num-examples", and `global-loss` with `fair-q` > 0. A server checks every train reply
+    against them."""
     objective = OBJECTIVES[config.objective]
     config = dataclasses.replace(config, **objective.overrides)
     weighted = {**objective.weighted_terms, **{a.term: a.weight for a in ADD_ONS.values()}}
     return frozenset({"loss", *objective.terms, NUM_EXAMPLES,
+                      *((GLOBAL_LOSS,) if config.fair_q > 0 else ()),
                       *(term for term, weight in weighted.items() if getattr(config, weight) > 0)})
 
 
@@ -43,6 +47,28 @@ def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:
     """The training radius of a round under a linear warm-up: eps * min(1, round / warmup_rounds)
     (the full eps when warmup_rounds is 0)."""
     return eps * min(1.0, server_round / warmup_rounds) if warmup_rounds > 0 else eps
+
+
+def global_loss(model: nn.Module, loader: DataLoader, config: TrainConfig) -> float:
+    """q-FFL's F_k for adversarial training: the mean cross-entropy of `model` (in eval mode, as
+    received) on the training attack's examples of every image in `loader` (`train-attack` at
+    `eps`, against the labels). It reads the loader's dataset in order and draws the attack's
+    random start under a forked RNG: local training shuffles and draws the same numbers with or
+    without this measurement."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    attack = training_attack(model, config)
+    total, seen = 0.0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for tensors in DataLoader(loader.dataset, batch_size=loader.batch_size or 256):
+            batch = Batch.of(tensors, device)
+            x_adv = attack(batch.images, batch.labels)
+            with torch.no_grad():
+                total += cross_entropy(model(x_adv), batch.labels, reduction="sum").item()
+            seen += len(batch.labels)
+    model.train(was_training)
+    return total / max(seen, 1)
 
 
 def class_log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -121,6 +147,7 @@ def train_model(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
         ctx.global_model = copy.deepcopy(model).eval().requires_grad_(False)
     if objective.needs_prior:
         ctx.log_prior = class_log_prior(*_labels_and_classes(model, loader)).to(device)
+    fairness = {GLOBAL_LOSS: global_loss(model, loader, config)} if config.fair_q > 0 else {}
     params = list(model.parameters())
     modules: dict[str, nn.Module] = {}
     for name, add_on in add_ons.items():
@@ -161,7 +188,7 @@ def train_model(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
             add_on_state[name] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     metrics = {name: total / max(seen, 1) for name, total in sums.items()}
     metrics[NUM_EXAMPLES] = len(loader.dataset)
-    return metrics
+    return {**metrics, **fairness}
 
 
 # The plug-in API's name for `train_model` (README, docs/plugin.md).

@@ -175,6 +175,38 @@ def capped_weights(claims: list[int], cap: float) -> list[float]:
     return [float(min(c, bound)) for c in claims]
 
 
+def fair_weights(weights: list[float], losses: list[float], q: float, cap: float) -> list[float]:
+    """q-FFL's reweighting (Li, Sanjabi, Beirami and Smith 2020, "Fair Resource Allocation in
+    Federated Learning", in its weighted-mean form): each weight times (loss_k / median loss)^q,
+    the factor at most `cap` (0: unbounded), so that the nodes the global model serves worst pull
+    the mean towards them. A node cannot buy weight by claiming a large loss: at cap 1 its factor
+    stops at the median node's. With a median loss of 0 (every node fits), the weights stay.
+
+    Parameters
+    ----------
+    weights : list[float]
+        The replies' weights (their capped `num-examples`).
+    losses : list[float]
+        The replies' `global-loss`, finite (screened); a negative one counts as 0.
+    q : float
+        The fairness exponent; 0 leaves the weights as they are.
+    cap : float
+        The largest factor; 0 turns the bound off.
+
+    Returns
+    -------
+    list[float]
+        One weight per reply.
+    """
+    median = float(np.median(losses))
+    if q <= 0 or median <= 0:
+        return list(weights)
+    factors = [(max(loss, 0.0) / median) ** q for loss in losses]
+    if cap > 0:
+        factors = [min(f, cap) for f in factors]
+    return [w * f for w, f in zip(weights, factors, strict=True)]
+
+
 def weighted_metrics(contents: list[RecordDict], weights: list[float], weighted_by_key: str
                      ) -> MetricRecord:
     """sum_k w_k * metrics_k / sum_k w_k, key by key (`weighted_by_key` left out): Flower's

@@ -15,7 +15,9 @@ from flwr.supercore import log
 from pmafl.compression import decode_update
 from pmafl.config import TrainConfig
 from pmafl.evaluate import SCORES
+from pmafl.protocol import GLOBAL_LOSS
 from pmafl.train import train_metric_names, warmup_eps
+from strategies.aggregation import fair_weights
 from strategies.screened_fedavg import ScreenedFedAvg
 from strategies.screening import BadReply
 
@@ -33,6 +35,9 @@ class PMAFL(ScreenedFedAvg):
     (`pmafl.train.train_metric_names`), and an evaluate reply's exactly `evaluate_metric_keys`,
     `pmafl.evaluate.SCORES` and `num-examples`. Federated evaluation messages carry the train
     config too: its eps is the attack radius.
+
+    With `train_config.fair_q` > 0 (q-FFL), each reply also carries `global-loss` and its weight in
+    the mean is scaled by `strategies.aggregation.fair_weights`, bounded by `weight_cap`.
 
     With `train_config.update_compression` other than `none`, clients reply with a compressed
     update (`pmafl.compression`) that is decoded against the global model sent before it is
@@ -100,6 +105,19 @@ class PMAFL(ScreenedFedAvg):
         send them the global model and the train config (its eps is the attack radius)."""
         config = ConfigRecord({**self.train_config.to_record(), **config})
         return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
+        """`ScreenedFedAvg`'s capped weights, reweighted by q-FFL (`fair_weights`) with `fair-q`
+        > 0; logged."""
+        weights = super()._weights(server_round, contents)
+        q = self.train_config.fair_q
+        if q <= 0:
+            return weights
+        losses = [next(iter(c.metric_records.values()))[GLOBAL_LOSS] for c in contents]
+        fair = fair_weights(weights, losses, q, self.weight_cap)
+        log(INFO, "round %d: q-FFL (q=%g) weights %s from global losses %s", server_round, q,
+            [round(w, 1) for w in fair], [round(loss, 3) for loss in losses])
+        return fair
 
     def decode_train_reply(self, content: RecordDict) -> RecordDict:
         """With `update-compression`, the reply with its encoded update replaced by the model it

@@ -110,3 +110,10 @@ def test_overrides_land_in_typed_fields():
 def test_train_config_round_trips_through_a_record_and_ignores_server_round():
     train = TrainConfig(alpha=0.3, objective="pgd-at", pgd_steps=3, train_attack="fgsm-rs")
     assert TrainConfig.from_mapping({**train.to_record(), "server-round": 4}) == train
+
+
+def test_fair_q_needs_the_weighted_mean():
+    assert RunConfig.from_mapping({"fair-q": 1.0}).train.fair_q == 1.0
+    with pytest.raises(ConfigError, match="'fair-q': q-FFL weights the mean, so it needs aggregation "
+                                          "'mean', got 'median'"):
+        RunConfig.from_mapping({"fair-q": 1.0, "aggregation": "median"})

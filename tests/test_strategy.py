@@ -686,3 +686,37 @@ def test_the_round_summary_holds_the_servers_columns_in_order():
     strategy.round_stats[2]["discarded"] = "why"
     assert strategy.round_summary(2)["failures"] == [
         {"stage": "train", "node": 12, "reason": "r"}, {"stage": "aggregate", "node": None, "reason": "why"}]
+
+
+def test_fair_q_weights_the_mean_by_each_nodes_loss_at_the_global_model():
+    """q-FFL: weights 10, 30, 60 (uncapped), losses 0.5, 1 and 3 (median 1), q 2: factors 0.25,
+    1 and 9, so weights 2.5, 30 and 540; at cap 1 the last factor stops at 1 (weights 2.5, 30,
+    30), and a node that claims a huge loss gains no more than that."""
+    w = {11: np.full((2, 3), 1.0, np.float32), 12: np.full((2, 3), 4.0, np.float32),
+         13: np.full((2, 3), -2.0, np.float32)}
+    n = {11: 10, 12: 30, 13: 60}
+    for cap, losses, weights in ((0.0, {11: 0.5, 12: 1.0, 13: 3.0}, (2.5, 30, 540)),
+                                 (1.0, {11: 0.5, 12: 1.0, 13: 3.0}, (2.5, 30, 30)),
+                                 (1.0, {11: 0.5, 12: 1.0, 13: 1e30}, (2.5, 30, 30))):
+        strategy = PMAFL(TrainConfig(fair_q=2.0), min_available_nodes=3, min_train_nodes=2,
+                         clip_factor=0, weight_cap=cap)
+        sent = configured(strategy)
+        replies = [reply(sent[i], {"w": w[i], "b": np.zeros(3, np.float32)}, n[i],
+                         **{"global-loss": losses[i]}) for i in sent]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        a, b, c = weights
+        assert np.allclose(arrays["w"].numpy(), (a * 1.0 + b * 4.0 + c * -2.0) / (a + b + c)), cap
+        assert {m.metadata.src_node_id: weight for m, _, weight in strategy.aggregated} \
+            == pytest.approx(dict(zip((11, 12, 13), weights, strict=True))), cap
+
+
+def test_fair_q_replies_must_carry_a_finite_global_loss():
+    strategy = PMAFL(TrainConfig(fair_q=1.0), min_available_nodes=3, min_train_nodes=2)
+    sent = configured(strategy)
+    replies = [reply(sent[11], GOOD, 10, **{"global-loss": 1.0}),
+               reply(sent[12], GOOD, 10),  # no global-loss
+               reply(sent[13], GOOD, 10, **{"global-loss": float("nan")})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None  # one valid reply, min-train-nodes 2
+    problems = reasons(strategy)
+    assert "global-loss" in problems[12] and "not finite" in problems[13]

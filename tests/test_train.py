@@ -1,5 +1,6 @@
 """Local training: the objectives as compositions, and the plug-in function's contract."""
 
+import dataclasses
 import math
 
 import pytest
@@ -216,14 +217,14 @@ def test_batchnorm_models_see_each_view_with_its_own_batch_statistics():
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("weights", [{}, {"ce_weight": 0.5, "kdiga_weight": 1.0}])
+@pytest.mark.parametrize("weights", [{}, {"ce_weight": 0.5, "kdiga_weight": 1.0}, {"fair_q": 1.0}])
 def test_the_metric_keys_a_server_expects_are_the_ones_training_returns(objective, weights):
     """`train_metric_names` (what PMAFL's screening requires of every train reply) against what
     `train_model` really returns, for every objective and add-on term."""
     from pmafl.train import train_metric_names
 
     distils = OBJECTIVES[objective].needs_teacher
-    if weights and not distils:
+    if "kdiga_weight" in weights and not distils:
         weights = {"ce_weight": 0.5}
     x, y = tiny_problem(8)
     cfg = TrainConfig(objective=objective, local_epochs=1, pgd_steps=1, **weights)
@@ -238,3 +239,32 @@ def test_the_plugin_name_is_the_training_function():
     from pmafl.train import pmafl_train, train_model
 
     assert pmafl.pmafl_train is pmafl_train is train_model is pmafl.train_model
+
+
+def test_global_loss_is_the_mean_adversarial_cross_entropy_of_the_received_model():
+    """At eps 0 the attack leaves the images as they are: the plain mean CE of the model in eval
+    mode, computed by hand. With `fair-q` the training function reports it for the model it
+    received and trains exactly as without (the measurement's random numbers are forked)."""
+    from pmafl.train import global_loss
+
+    x, y = tiny_problem(40)
+    net = model(0)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(net.eval()(x), y).item()
+    net.train()
+    loader = make_loader(x, y, batch_size=16, shuffle=False)
+    assert global_loss(net, loader, TrainConfig(eps=0.0, train_attack="fgsm-rs")) \
+        == pytest.approx(expected, rel=1e-5)
+    assert net.training
+    cfg = TrainConfig(objective="pgd-at", eps=0.1, train_attack="fgsm-rs", local_epochs=1)
+    adversarial = global_loss(model(0), loader, cfg)
+    assert adversarial > expected  # FGSM-RS at eps 0.1 raises the loss of this untrained model
+    runs = {}
+    for q in (0.0, 1.0):
+        torch.manual_seed(7)
+        runs[q] = train_model(model(0), None, make_loader(x, y, batch_size=16, shuffle=True, seed=7),
+                              dataclasses.replace(cfg, fair_q=q))
+    fair = dict(runs[1.0])
+    torch.manual_seed(7)
+    assert fair.pop("global-loss") == pytest.approx(global_loss(model(0), loader, cfg), rel=1e-6)
+    assert fair == runs[0.0]
