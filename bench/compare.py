@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -83,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--superlink", default="",
                         help="SuperLink connection name from flwr's config (default: flwr's default)")
     parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app (default: this repo)")
+    parser.add_argument("--client-gpus", type=float, default=None, metavar="FRACTION",
+                        help="share of a GPU each simulated client gets (Flower's "
+                             "client-resources-num-gpus; default: 0.2 where CUDA is available, "
+                             "so five clients train at once, else 0)")
     parser.add_argument("--test-n", type=int, default=2000,
                         help="test images of the final attack suite, a fixed class-stratified "
                              "subset (default 2000; 0: the whole test split)")
@@ -111,7 +117,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ConfigError as e:
         parser.error(str(e))
     args.overrides = overrides
+    if args.client_gpus is None:
+        args.client_gpus = 0.2 if torch.cuda.is_available() else 0.0
+    if not 0 <= args.client_gpus <= 1:
+        parser.error(f"--client-gpus: expected a share of one GPU in [0, 1], got {args.client_gpus}")
     return args
+
+
+def machine(client_gpus: float) -> str:
+    """Where a cell ran, for the tables: the GPU its clients shared, or the CPU."""
+    if client_gpus > 0 and torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
@@ -129,7 +146,8 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
         return existing
     folder.mkdir(parents=True, exist_ok=True)
     command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
-               "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1",
+               "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1 "
+                                      f"client-resources-num-gpus={args.client_gpus}",
                "--run-config", run_config(cell, args.overrides, results_dir)]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -167,7 +185,7 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
              # Wall time on the machine that ran the cell: the federation's rounds (the teacher's
              # pre-training, before round 1, is not in them) and the attack suite.
              "federation_seconds": round(sum(r.get("round_seconds", 0.0) for r in rounds), 1),
-             "suite_seconds": round(suite_seconds, 1),
+             "suite_seconds": round(suite_seconds, 1), "machine": machine(args.client_gpus),
              "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr",
                                                "round_seconds", "train_compute_seconds",
                                                "fedftg_seconds")

@@ -106,10 +106,10 @@ class PMAFL(ScreenedFedAvg):
         config = ConfigRecord({**self.train_config.to_record(), **config})
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def _weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
+    def train_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
         """`ScreenedFedAvg`'s capped weights, reweighted by q-FFL (`fair_weights`) with `fair-q`
-        > 0; logged."""
-        weights = super()._weights(server_round, contents)
+        > 0; logged. Federated evaluation keeps the capped weights."""
+        weights = super().train_weights(server_round, contents)
         q = self.train_config.fair_q
         if q <= 0:
             return weights

@@ -245,7 +245,7 @@ class ScreenedFedAvg(RoundLoop, FedAvg):
         senders = {id(content): msg for msg, content in valid}
         contents = canonical_order([content for _, content in valid])
         records = [next(iter(c.array_records.values())) for c in contents]
-        weights = self._weights(server_round, contents)
+        weights = self.train_weights(server_round, contents)
         if self.clip_factor > 0:
             records, clipped = clip_updates(records, self._sent_global, self.clip_factor)
             if clipped:
@@ -355,6 +355,10 @@ class ScreenedFedAvg(RoundLoop, FedAvg):
                 logged = True
             time.sleep(min(1.0, self.node_wait_timeout))
         return connected
+
+    def train_weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
+        """The train replies' weights in the mean (`_weights`); a subclass may reweight them."""
+        return self._weights(server_round, contents)
 
     def _weights(self, server_round: int, contents: list[RecordDict]) -> list[float]:
         """The replies' weights: `num-examples`, capped (`capped_weights`); logged when capped."""

@@ -96,3 +96,16 @@ def test_a_grid_folder_under_version_control_keeps_only_what_the_report_needs(tm
     assert sorted(listed) == sorted([
         "docs/grid/.gitignore", "docs/grid/report.md", "docs/grid/rounds.png",
         "docs/grid/robust_vs_clean.png", f"docs/grid/runs/{cell.name}/final.json"])
+
+
+def test_clients_share_the_gpu_only_where_there_is_one(capsys):
+    import os
+
+    import torch
+
+    args = compare.parse_args([])
+    assert args.client_gpus == (0.2 if torch.cuda.is_available() else 0.0)
+    assert compare.machine(0.0) == f"CPU ({os.cpu_count()} cores)"
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--client-gpus", "2"])
+    assert "--client-gpus: expected a share of one GPU in [0, 1], got 2.0" in capsys.readouterr().err

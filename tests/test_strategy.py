@@ -720,3 +720,16 @@ def test_fair_q_replies_must_carry_a_finite_global_loss():
     assert arrays is None  # one valid reply, min-train-nodes 2
     problems = reasons(strategy)
     assert "global-loss" in problems[12] and "not finite" in problems[13]
+
+
+def test_fair_q_leaves_federated_evaluation_weighted_by_examples():
+    """Evaluation replies carry no global-loss: their mean stays the capped example-weighted one."""
+    strategy = PMAFL(TrainConfig(fair_q=1.0), min_available_nodes=2, min_train_nodes=2,
+                     min_evaluate_nodes=2, weight_cap=0)
+    strategy.num_rounds = 1
+    messages = strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))
+    sent = {m.metadata.dst_node_id: m for m in messages}
+    scores = {11: (10, 0.5), 12: (30, 0.9)}
+    metrics = strategy.aggregate_evaluate(1, [evaluate_reply(sent[i], n, clean_acc=acc)
+                                              for i, (n, acc) in scores.items()])
+    assert metrics["clean_acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
