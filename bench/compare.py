@@ -14,9 +14,10 @@ folder and `final.json` (clean, PGD-20, CW and AutoAttack accuracy of the final 
 `--test-n` test images, with the eps sweep and the per-round curve). `<out>/.gitignore` keeps
 only `final.json` files and the report, so a grid folder inside the repository can be committed
 and resumed elsewhere. A cell with `final.json` is finished and is skipped when the command runs again, so an
-interrupted grid resumes where it stopped; a cell whose run finished but was not yet evaluated is
-only evaluated. The report (`<out>/report.md`: mean +- std over seeds; `<out>/rounds.png`: test
-accuracy per round per method; `<out>/robust_vs_clean.png`) is rebuilt from every finished cell.
+interrupted grid resumes where it stopped: a cell whose run finished but was not yet evaluated is
+only evaluated, and a run stopped mid-way continues after its last checkpoint (`resume-from`).
+The report (`<out>/report.md`: mean +- std over seeds; `<out>/rounds.png`: test accuracy per
+round per method; `<out>/robust_vs_clean.png`) is rebuilt from every finished cell.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pmafl.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
 from pmafl.fedftg import VARIANTS  # noqa: E402
 from pmafl.objectives import OBJECTIVES  # noqa: E402
-from pmafl.results import latest_folder  # noqa: E402
+from pmafl.results import checkpoint_files, latest_folder  # noqa: E402
 
 COLUMNS = (("clean_acc", "clean"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW"),
            ("autoattack_acc", "AutoAttack"), ("fed_worst_pgd_acc", "worst node PGD-20"))
@@ -139,20 +140,25 @@ def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
 
 
 def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
-    """One `flwr run` of the cell; returns its results folder."""
+    """One `flwr run` of the cell; returns its results folder. A run interrupted before (its
+    folder holds checkpoints but no results.json) resumes after its last checkpoint."""
     results_dir = (folder / "results").resolve()
     existing = latest_folder(results_dir)
     if existing:  # run finished before, evaluation did not
         return existing
     folder.mkdir(parents=True, exist_ok=True)
+    interrupted = sorted(f for f in results_dir.glob("*") if f.is_dir() and checkpoint_files(f))
+    resume = f" resume-from='{interrupted[-1]}'" if interrupted else ""
     command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
                "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1 "
                                       f"client-resources-num-gpus={args.client_gpus}",
-               "--run-config", run_config(cell, args.overrides, results_dir)]
+               "--run-config", run_config(cell, args.overrides, results_dir) + resume]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
+    if resume:
+        print(f"  resuming {interrupted[-1]} after its last checkpoint", flush=True)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with (folder / "log.txt").open("w") as log:
+    with (folder / "log.txt").open("a" if resume else "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     deadline = time.time() + 60  # the log stream can end a moment before the last write
     while time.time() < deadline and not latest_folder(results_dir):

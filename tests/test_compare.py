@@ -109,3 +109,33 @@ def test_clients_share_the_gpu_only_where_there_is_one(capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(["--client-gpus", "2"])
     assert "--client-gpus: expected a share of one GPU in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_a_cell_stopped_mid_run_resumes_after_its_last_checkpoint(tmp_path, monkeypatch):
+    """The cell's `flwr run` gets `resume-from` naming the interrupted folder (the one with
+    checkpoints and no results.json); a cell with no such folder starts afresh."""
+    import subprocess
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        run_config = command[command.index("--run-config") + 1]
+        target = interrupted if "resume-from" in run_config else folder / "results" / "fresh"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "results.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    args = compare.parse_args(["--methods", "pmafl", "--seeds", "0"])
+    cell = compare.Cell("pmafl", 0.5, 0)
+    folder = tmp_path / "runs" / cell.name
+    interrupted = folder / "results" / "20261207-100000-pmafl-seed0"
+    interrupted.mkdir(parents=True)
+    (interrupted / "checkpoint-round0003.pt").write_bytes(b"x")
+    assert compare.run_cell(cell, folder, args) == interrupted.resolve()
+    assert calls[-1][calls[-1].index("--run-config") + 1].endswith(
+        f" resume-from='{interrupted.resolve()}'")
+    folder = tmp_path / "runs" / "other"
+    compare.run_cell(cell, folder, args)
+    assert "resume-from" not in calls[-1][calls[-1].index("--run-config") + 1]
