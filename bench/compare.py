@@ -165,8 +165,12 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
         time.sleep(1)
     found = latest_folder(results_dir)
     if code != 0 or not found:
+        # Exit 0 and no results: the simulation process died; after a killed run, the local
+        # SuperLink that `flwr run` keeps can be left without its SuperExec.
+        hint = (" (if the log ends at 'Starting Flower Simulation', stop the local SuperLink, "
+                "`pkill -f flower-superlink`, and run again)") if code == 0 else ""
         raise RuntimeError(f"cell {cell.name}: flwr run exited with {code} and wrote "
-                           f"{'no' if not found else 'a'} results.json; see {folder / 'log.txt'}")
+                           f"{'no' if not found else 'a'} results.json; see {folder / 'log.txt'}{hint}")
     return found
 
 
