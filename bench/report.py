@@ -72,6 +72,7 @@ GRIDS: dict[str, str] = {
        "--autoattack-n 200" for name, sets in ABLATIONS.items()},
     "fedftg-cost-digits": "python bench/compare.py --methods ce+fedftg,pmafl+fedftg,pmafl+fedftg-robust "
                           "--seeds 0 --autoattack-n 200",
+    "fair-digits": "python bench/compare.py --methods pmafl --set fair-q=5.0 --autoattack-n 200",
     "step-time/cpu-28x28.json": "python bench/step_time.py --image-size 28 --repeats 2",
     "deployment/3-nodes.json": "python bench/deployment.py",
     "scale/10-vs-100.json": "python bench/scale.py",
@@ -115,6 +116,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     **dict(zip(ALL, compare_columns, strict=True)),
     "aa_pgd20": ("autoattack_subset_pgd20_acc", "PGD-20 on AutoAttack's images"),
     "asr": ("asr", "backdoor ASR"),
+    "nodes": ("fed_pgd_acc", "node-mean PGD-20"),
 }
 
 
@@ -185,10 +187,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def _cost(runs: list[dict[str, Any]]) -> list[str]:
+    """Minutes per cell (federation and attack suite, mean over seeds) and the machine."""
+    minutes = [(r["federation_seconds"] + r["suite_seconds"]) / 60 for r in runs
+               if "federation_seconds" in r and "suite_seconds" in r]
+    machines = sorted({r.get("machine", "-") for r in runs})
+    return [f"{statistics.mean(minutes):.0f}" if minutes else "-", ", ".join(machines)]
+
+
 def grid(rows: list[tuple[str, str, str]], columns: tuple[str, ...] = ALL, first: str = "method",
-         bold: bool = True, teacher: str = "") -> Callable[[], str]:
+         bold: bool = True, teacher: str = "", cost: bool = False) -> Callable[[], str]:
     """One row per (label, folder, method): mean ± std over seeds of each column; with `teacher`,
-    a teacher row first and the student's share of the teacher's AutoAttack accuracy."""
+    a teacher row first and the student's share of the teacher's AutoAttack accuracy; with
+    `cost`, the minutes each cell took and on what machine."""
     def render() -> str:
         src = Sources()
         runs = [src.runs(folder, method) for _, folder, method in rows]
@@ -196,6 +207,9 @@ def grid(rows: list[tuple[str, str, str]], columns: tuple[str, ...] = ALL, first
         shown = _bold_best(cells, columns) if bold else [[t for t, _ in row] for row in cells]
         header = [first, "seeds", *(COLUMNS[c][1] for c in columns)]
         body = [[label, str(len(r)), *row] for (label, _, _), r, row in zip(rows, runs, shown, strict=True)]
+        if cost:
+            header += ["minutes per cell", "machine"]
+            body = [row + _cost(r) for row, r in zip(body, runs, strict=True)]
         if teacher:
             t = src.file(f"teachers/{teacher}.json")
             share = [f"{statistics.mean(x['autoattack_acc'] for x in r) / t['autoattack_acc']:.2f}"
@@ -585,6 +599,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "worst-node-digits-pgd-at": worst_node("digits-pgd-at-seed0"),
     "worst-node-fashion": worst_node("fashion-pmafl-seed0"),
     "curves-fashion-2000": curves("fashion-2000"),
+    "fair-digits": grid([("`pmafl` (the default)", "digits", "pmafl"),
+                         ("`pmafl`, `fair-q=5`", "fair-digits", "pmafl")],
+                        columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),
+    "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
+                                 columns=("clean", "pgd20", "aa", "nodes", "worst")),
 }
 
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
