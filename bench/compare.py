@@ -42,8 +42,10 @@ from pmafl.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 from pmafl.eval_cli import run as evaluate_model_file  # noqa: E402
 from pmafl.fedftg import VARIANTS  # noqa: E402
 from pmafl.objectives import OBJECTIVES  # noqa: E402
-from pmafl.results import checkpoint_files, latest_folder  # noqa: E402
+from pmafl.results import CheckpointError, checkpoint_files, latest_folder, load_checkpoint  # noqa: E402
 
+# A run folder checkpointed more recently than this may belong to a run still going.
+LIVE_SECONDS = 600
 COLUMNS = (("clean_acc", "clean"), ("pgd20_acc", "PGD-20"), ("cw_acc", "CW"),
            ("autoattack_acc", "AutoAttack"), ("fed_worst_pgd_acc", "worst node PGD-20"))
 
@@ -125,8 +127,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def machine(client_gpus: float) -> str:
-    """Where a cell ran, for the tables: the GPU its clients shared, or the CPU."""
+def machine(client_gpus: float, superlink: str = "") -> str:
+    """Where a cell ran, for the tables: the GPU its clients shared, or the CPU, of the machine
+    running this script; a federation on another SuperLink is named by it."""
+    if superlink:
+        return f"SuperLink '{superlink}'"
     if client_gpus > 0 and torch.cuda.is_available():
         return f"GPU ({torch.cuda.get_device_name(0)})"
     return f"CPU ({os.cpu_count()} cores)"
@@ -139,6 +144,29 @@ def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
+def resume_from(cell: Cell, results_dir: Path, args: argparse.Namespace) -> str:
+    """` resume-from='FOLDER'` for the cell's newest run folder that holds checkpoints but no
+    results.json, if its checkpoint fits the cell's config ("" otherwise: the cell starts afresh,
+    and says why). Refuses a folder checkpointed in the last `LIVE_SECONDS`: stopping `flwr run`
+    stops only its log stream, so its run may still be writing there."""
+    interrupted = sorted(f for f in results_dir.glob("*") if f.is_dir() and checkpoint_files(f))
+    if not interrupted:
+        return ""
+    folder = interrupted[-1]
+    age = time.time() - checkpoint_files(folder)[-1].stat().st_mtime
+    if age < LIVE_SECONDS:
+        raise RuntimeError(f"cell {cell.name}: {folder} was checkpointed {age:.0f} s ago, so its run "
+                           "may still be going (stopping `flwr run` stops only its log stream; "
+                           "`flwr stop RUN_ID` stops the run); stop it or wait, then run again")
+    config = RunConfig.from_mapping(parse_overrides([run_config(cell, args.overrides, results_dir)]))
+    try:
+        load_checkpoint(folder, config.to_dict())
+    except CheckpointError as e:
+        print(f"  not resuming {folder}: {e}; the cell starts afresh", flush=True)
+        return ""
+    return f" resume-from='{folder}'"
+
+
 def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
     """One `flwr run` of the cell; returns its results folder. A run interrupted before (its
     folder holds checkpoints but no results.json) resumes after its last checkpoint."""
@@ -147,15 +175,14 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
     if existing:  # run finished before, evaluation did not
         return existing
     folder.mkdir(parents=True, exist_ok=True)
-    interrupted = sorted(f for f in results_dir.glob("*") if f.is_dir() and checkpoint_files(f))
-    resume = f" resume-from='{interrupted[-1]}'" if interrupted else ""
+    resume = resume_from(cell, results_dir, args)
     command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
                "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1 "
                                       f"client-resources-num-gpus={args.client_gpus}",
                "--run-config", run_config(cell, args.overrides, results_dir) + resume]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     if resume:
-        print(f"  resuming {interrupted[-1]} after its last checkpoint", flush=True)
+        print(f"  resuming {resume.split('=', 1)[1]} after its last checkpoint", flush=True)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with (folder / "log.txt").open("a" if resume else "w") as log:
@@ -195,7 +222,7 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
              # Wall time on the machine that ran the cell: the federation's rounds (the teacher's
              # pre-training, before round 1, is not in them) and the attack suite.
              "federation_seconds": round(sum(r.get("round_seconds", 0.0) for r in rounds), 1),
-             "suite_seconds": round(suite_seconds, 1), "machine": machine(args.client_gpus),
+             "suite_seconds": round(suite_seconds, 1), "machine": machine(args.client_gpus, args.superlink),
              "rounds": [{k: r.get(k) for k in ("round", "clean_acc", "fgsm_acc", "pgd_acc", "asr",
                                                "round_seconds", "train_compute_seconds",
                                                "fedftg_seconds")

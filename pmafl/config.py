@@ -174,9 +174,12 @@ class TrainConfig:
     pgd_steps: int = option(10, "PGD steps K for training adversarial examples.", low=1)
     fair_q: float = option(0.0, "q-FFL fairness (Li et al. 2020): each node also reports "
                            "`global-loss`, the adversarial cross-entropy of the global model it "
-                           "received on its data, and the server multiplies its weight in the mean "
-                           "by (global-loss / the round's median)^q, at most `weight-cap` (so no "
-                           "node outweighs the median node by a claim). 0: off (FedAvg).", low=0)
+                           "received on its data (one more training-attack pass over its data "
+                           "per round), and the server multiplies its weight in the mean by "
+                           "(global-loss / the round's lower median)^q, the factor at most "
+                           "`weight-cap` and no weight above the largest capped one (at the "
+                           "default cap 1 the better-served half of the nodes weighs less, none "
+                           "more). Needs aggregation `mean`. 0: off (FedAvg).", low=0)
     update_compression: str = option("none", "What a client sends back (`pmafl.compression`): "
                                      "`none` (its model, float32); `fp16` (its update, the "
                                      "difference from the global model, in float16); `int8` (the "
@@ -225,7 +228,8 @@ class RunConfig:
                                 "most this many times the round's median update norm (0: off).",
                                 low=0)
     weight_cap: float = option(1.0, "A node's weight in the mean is its `num-examples`, at most this "
-                               "many times the round's median claim (0: uncapped).", low=0)
+                               "many times the round's median claim (0: uncapped); it bounds "
+                               "`fair-q`'s factors too.", low=0)
     node_wait_timeout: float = option(3600.0, "Seconds the server waits for `min-available-nodes` "
                                       "connected nodes before a round; then the run stops with "
                                       "an error (its checkpoint intact).", low=0, low_open=True)
@@ -338,6 +342,9 @@ class RunConfig:
         if cfg.train.fair_q > 0 and cfg.aggregation != "mean":
             raise ConfigError(f"{where} key 'fair-q': q-FFL weights the mean, so it needs "
                               f"aggregation 'mean', got {cfg.aggregation!r}")
+        if cfg.train.fair_q > 0 and cfg.weight_cap <= 0:
+            raise ConfigError(f"{where} key 'fair-q': weight-cap bounds q-FFL's factors, so it "
+                              f"needs weight-cap > 0, got {cfg.weight_cap!r}")
         if cfg.min_available_nodes < cfg.min_train_nodes:
             raise ConfigError(f"{where} key 'min-available-nodes': expected >= min-train-nodes "
                               f"({cfg.min_train_nodes}), got {cfg.min_available_nodes}")

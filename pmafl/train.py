@@ -52,16 +52,18 @@ def warmup_eps(eps: float, warmup_rounds: int, server_round: int) -> float:
 def global_loss(model: nn.Module, loader: DataLoader, config: TrainConfig) -> float:
     """q-FFL's F_k for adversarial training: the mean cross-entropy of `model` (in eval mode, as
     received) on the training attack's examples of every image in `loader` (`train-attack` at
-    `eps`, against the labels). It reads the loader's dataset in order and draws the attack's
-    random start under a forked RNG: local training shuffles and draws the same numbers with or
-    without this measurement."""
+    `eps`, against the labels). It reads the whole of the loader's dataset in order (the loader's
+    `collate_fn`, not its sampler) and draws the attack's random start under a forked torch RNG:
+    local training shuffles and draws the same torch numbers with or without this measurement.
+    Costs one training-attack pass and one forward pass over the data."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     attack = training_attack(model, config)
     total, seen = 0.0, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for tensors in DataLoader(loader.dataset, batch_size=loader.batch_size or 256):
+        for tensors in DataLoader(loader.dataset, batch_size=loader.batch_size or 256,
+                                  collate_fn=loader.collate_fn):
             batch = Batch.of(tensors, device)
             x_adv = attack(batch.images, batch.labels)
             with torch.no_grad():
@@ -127,7 +129,8 @@ def train_model(model: nn.Module, teacher: nn.Module | None, loader: DataLoader,
     Returns
     -------
     dict[str, float]
-        The mean of every loss term over the examples seen, and `num-examples`.
+        The mean of every loss term over the examples seen, `num-examples`, and with
+        `fair-q` > 0 `global-loss` (`global_loss` of the model as received).
     """
     if config.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.objective!r}; known: {', '.join(OBJECTIVES)}")

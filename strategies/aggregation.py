@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from collections.abc import Callable
 
 import numpy as np
@@ -178,9 +179,12 @@ def capped_weights(claims: list[int], cap: float) -> list[float]:
 def fair_weights(weights: list[float], losses: list[float], q: float, cap: float) -> list[float]:
     """q-FFL's reweighting (Li, Sanjabi, Beirami and Smith 2020, "Fair Resource Allocation in
     Federated Learning", in its weighted-mean form): each weight times (loss_k / median loss)^q,
-    the factor at most `cap` (0: unbounded), so that the nodes the global model serves worst pull
-    the mean towards them. A node cannot buy weight by claiming a large loss: at cap 1 its factor
-    stops at the median node's. With a median loss of 0 (every node fits), the weights stay.
+    so that the nodes the global model serves worst weigh more against the others. Bounded for a
+    hostile reply: the median is the lower median (of two replies, the smaller loss, which a liar
+    cannot raise), the factor is at most `cap`, and no final weight exceeds the largest of
+    `weights`, so that no node weighs more against the median node than `weight-cap` allows
+    without fairness. At cap 1 no factor exceeds 1: the better-served half of the nodes weighs
+    less, none more. With a median loss of 0 (every node fits), the weights stay.
 
     Parameters
     ----------
@@ -189,22 +193,24 @@ def fair_weights(weights: list[float], losses: list[float], q: float, cap: float
     losses : list[float]
         The replies' `global-loss`, finite (screened); a negative one counts as 0.
     q : float
-        The fairness exponent; 0 leaves the weights as they are.
+        The fairness exponent, > 0.
     cap : float
-        The largest factor; 0 turns the bound off.
+        The bound (`weight-cap`), > 0.
 
     Returns
     -------
     list[float]
         One weight per reply.
     """
-    median = float(np.median(losses))
-    if q <= 0 or median <= 0:
+    if q <= 0 or cap <= 0:
+        raise ValueError(f"fair_weights needs q > 0 and cap > 0, got q={q!r}, cap={cap!r}")
+    median = statistics.median_low(losses)
+    if median <= 0:
         return list(weights)
-    factors = [(max(loss, 0.0) / median) ** q for loss in losses]
-    if cap > 0:
-        factors = [min(f, cap) for f in factors]
-    return [w * f for w, f in zip(weights, factors, strict=True)]
+    # The ratio is bounded before the power: (1e300 / median) ** 5 would overflow.
+    top, bound = cap ** (1 / q), max(weights)
+    return [min(w * min(max(loss, 0.0) / median, top) ** q, bound)
+            for w, loss in zip(weights, losses, strict=True)]
 
 
 def weighted_metrics(contents: list[RecordDict], weights: list[float], weighted_by_key: str

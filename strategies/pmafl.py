@@ -36,8 +36,10 @@ class PMAFL(ScreenedFedAvg):
     `pmafl.evaluate.SCORES` and `num-examples`. Federated evaluation messages carry the train
     config too: its eps is the attack radius.
 
-    With `train_config.fair_q` > 0 (q-FFL), each reply also carries `global-loss` and its weight in
-    the mean is scaled by `strategies.aggregation.fair_weights`, bounded by `weight_cap`.
+    With `train_config.fair_q` > 0 (q-FFL), each train reply also carries `global-loss` and its
+    weight in the mean (of the models and of the train metrics) is scaled by
+    `strategies.aggregation.fair_weights`, bounded by `weight_cap`; it needs aggregation "mean"
+    and weight_cap > 0.
 
     With `train_config.update_compression` other than `none`, clients reply with a compressed
     update (`pmafl.compression`) that is decoded against the global model sent before it is
@@ -67,6 +69,10 @@ class PMAFL(ScreenedFedAvg):
                  eps_warmup_rounds: int = 0, **kwargs: Any) -> None:
         super().__init__(evaluate_every=evaluate_every, **kwargs)
         self.train_config = train_config or TrainConfig()
+        if self.train_config.fair_q > 0 and (self.aggregation != "mean" or self.weight_cap <= 0):
+            raise ValueError(f"fair_q > 0 (q-FFL) weights the mean and is bounded by weight_cap: it "
+                             f"needs aggregation 'mean' and weight_cap > 0, got "
+                             f"{self.aggregation!r} and {self.weight_cap!r}")
         self.eps_warmup_rounds = eps_warmup_rounds
         self.train_metric_keys = train_metric_names(self.train_config)
         self.evaluate_metric_keys = frozenset({*SCORES, self.weighted_by_key})

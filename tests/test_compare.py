@@ -111,31 +111,53 @@ def test_clients_share_the_gpu_only_where_there_is_one(capsys):
     assert "--client-gpus: expected a share of one GPU in [0, 1], got 2.0" in capsys.readouterr().err
 
 
-def test_a_cell_stopped_mid_run_resumes_after_its_last_checkpoint(tmp_path, monkeypatch):
-    """The cell's `flwr run` gets `resume-from` naming the interrupted folder (the one with
-    checkpoints and no results.json); a cell with no such folder starts afresh."""
+def test_a_cell_stopped_mid_run_resumes_after_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The cell's `flwr run` gets `resume-from` naming the interrupted folder (checkpoints, no
+    results.json) when its checkpoint was written with the cell's config; a checkpoint of another
+    config, or no interrupted folder, starts the cell afresh; a checkpoint younger than
+    LIVE_SECONDS (its run may still be going) stops the cell with the reason."""
+    import os
     import subprocess
+
+    import torch
+
+    from pmafl.config import RunConfig, parse_overrides
+    from pmafl.results import save_checkpoint
 
     calls = []
 
     def fake_run(command, **kwargs):
-        calls.append(command)
-        run_config = command[command.index("--run-config") + 1]
-        target = interrupted if "resume-from" in run_config else folder / "results" / "fresh"
+        calls.append(command[command.index("--run-config") + 1])
+        target = interrupted if "resume-from" in calls[-1] else folder / "results" / f"fresh{len(calls)}"
         target.mkdir(parents=True, exist_ok=True)
         (target / "results.json").write_text("{}")
         return subprocess.CompletedProcess(command, 0)
+
+    def interrupted_run(overrides, age):
+        config = RunConfig.from_mapping(parse_overrides([compare.run_config(
+            cell, overrides, (folder / "results").resolve())])).to_dict()
+        save_checkpoint(interrupted, 3, {"w": torch.zeros(1)}, [], config)
+        for path in interrupted.glob("checkpoint-*.pt"):
+            os.utime(path, (path.stat().st_mtime - age, path.stat().st_mtime - age))
 
     monkeypatch.setattr(compare.subprocess, "run", fake_run)
     args = compare.parse_args(["--methods", "pmafl", "--seeds", "0"])
     cell = compare.Cell("pmafl", 0.5, 0)
     folder = tmp_path / "runs" / cell.name
-    interrupted = folder / "results" / "20261207-100000-pmafl-seed0"
-    interrupted.mkdir(parents=True)
-    (interrupted / "checkpoint-round0003.pt").write_bytes(b"x")
-    assert compare.run_cell(cell, folder, args) == interrupted.resolve()
-    assert calls[-1][calls[-1].index("--run-config") + 1].endswith(
-        f" resume-from='{interrupted.resolve()}'")
+    interrupted = (folder / "results" / "20261207-100000-pmafl-seed0").resolve()
+    interrupted_run(args.overrides, age=compare.LIVE_SECONDS + 60)
+    assert compare.run_cell(cell, folder, args) == interrupted
+    assert calls[-1].endswith(f" resume-from='{interrupted}'")
+
+    (interrupted / "results.json").unlink()
+    interrupted_run(args.overrides, age=5)
+    with pytest.raises(RuntimeError, match="checkpointed 5 s ago, so its run may still be going"):
+        compare.run_cell(cell, folder, args)
+
+    interrupted_run({"lr": "0.01"}, age=compare.LIVE_SECONDS + 60)  # another config
+    assert compare.run_cell(cell, folder, args).name == "fresh2"
+    assert "resume-from" not in calls[-1] and "starts afresh" in capsys.readouterr().out
+
     folder = tmp_path / "runs" / "other"
     compare.run_cell(cell, folder, args)
-    assert "resume-from" not in calls[-1][calls[-1].index("--run-config") + 1]
+    assert "resume-from" not in calls[-1]

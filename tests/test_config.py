@@ -117,3 +117,6 @@ def test_fair_q_needs_the_weighted_mean():
     with pytest.raises(ConfigError, match="'fair-q': q-FFL weights the mean, so it needs aggregation "
                                           "'mean', got 'median'"):
         RunConfig.from_mapping({"fair-q": 1.0, "aggregation": "median"})
+    with pytest.raises(ConfigError, match="'fair-q': weight-cap bounds q-FFL's factors, so it needs "
+                                          "weight-cap > 0, got 0.0"):
+        RunConfig.from_mapping({"fair-q": 1.0, "weight-cap": 0})

@@ -689,13 +689,14 @@ def test_the_round_summary_holds_the_servers_columns_in_order():
 
 
 def test_fair_q_weights_the_mean_by_each_nodes_loss_at_the_global_model():
-    """q-FFL: weights 10, 30, 60 (uncapped), losses 0.5, 1 and 3 (median 1), q 2: factors 0.25,
-    1 and 9, so weights 2.5, 30 and 540; at cap 1 the last factor stops at 1 (weights 2.5, 30,
-    30), and a node that claims a huge loss gains no more than that."""
+    """q-FFL, q 2: claims 10, 30, 60, losses 0.5, 1 and 3 (lower median 1). At cap 4 the weights
+    are the claims, the factors 0.25, 1 and min(3, 4 ** 0.5) ** 2 = 4, so 2.5, 30 and 240, the last
+    bounded by the largest weight, 60. At cap 1 the weights are 10, 30, 30 and no factor exceeds
+    1: 2.5, 30, 30; a node that claims a huge loss gains no more than that."""
     w = {11: np.full((2, 3), 1.0, np.float32), 12: np.full((2, 3), 4.0, np.float32),
          13: np.full((2, 3), -2.0, np.float32)}
     n = {11: 10, 12: 30, 13: 60}
-    for cap, losses, weights in ((0.0, {11: 0.5, 12: 1.0, 13: 3.0}, (2.5, 30, 540)),
+    for cap, losses, weights in ((4.0, {11: 0.5, 12: 1.0, 13: 3.0}, (2.5, 30, 60)),
                                  (1.0, {11: 0.5, 12: 1.0, 13: 3.0}, (2.5, 30, 30)),
                                  (1.0, {11: 0.5, 12: 1.0, 13: 1e30}, (2.5, 30, 30))):
         strategy = PMAFL(TrainConfig(fair_q=2.0), min_available_nodes=3, min_train_nodes=2,
@@ -708,6 +709,26 @@ def test_fair_q_weights_the_mean_by_each_nodes_loss_at_the_global_model():
         assert np.allclose(arrays["w"].numpy(), (a * 1.0 + b * 4.0 + c * -2.0) / (a + b + c)), cap
         assert {m.metadata.src_node_id: weight for m, _, weight in strategy.aggregated} \
             == pytest.approx(dict(zip((11, 12, 13), weights, strict=True))), cap
+
+
+def test_a_hostile_global_loss_neither_overflows_nor_takes_the_mean():
+    """q 5: a loss of 1e300 would overflow (1e300 / 2.3) ** 5; of two replies the liar cannot set
+    the median (the lower one is the honest loss), so both keep their weight; a lying low loss
+    only lowers the liar's own weight. Against a manual weighted mean in each case."""
+    from strategies.aggregation import fair_weights
+
+    assert fair_weights([300.0, 300.0], [2.3, 1e300], 5.0, 1.0) == [300.0, 300.0]
+    assert fair_weights([300.0, 300.0], [2.3, 0.0], 5.0, 1.0) == [300.0, 300.0]  # median 0: as is
+    honest = [2.0, 2.2, 2.4, 2.6]
+    weights = fair_weights([100.0] * 5, [*honest, 1e300], 5.0, 4.0)
+    assert weights == pytest.approx([min(100 * (x / 2.4) ** 5, 100.0) for x in honest] + [100.0])
+    weights = fair_weights([100.0] * 5, [*honest, 1e-9], 5.0, 1.0)
+    assert weights[-1] == pytest.approx(100 * (1e-9 / 2.2) ** 5)
+    assert weights[:4] == pytest.approx([100 * (x / 2.2) ** 5 if x < 2.2 else 100.0 for x in honest])
+    with pytest.raises(ValueError, match="cap > 0"):
+        fair_weights([1.0], [1.0], 5.0, 0.0)
+    with pytest.raises(ValueError, match="needs aggregation 'mean' and weight_cap > 0"):
+        PMAFL(TrainConfig(fair_q=1.0), aggregation="median")
 
 
 def test_fair_q_replies_must_carry_a_finite_global_loss():
@@ -725,7 +746,7 @@ def test_fair_q_replies_must_carry_a_finite_global_loss():
 def test_fair_q_leaves_federated_evaluation_weighted_by_examples():
     """Evaluation replies carry no global-loss: their mean stays the capped example-weighted one."""
     strategy = PMAFL(TrainConfig(fair_q=1.0), min_available_nodes=2, min_train_nodes=2,
-                     min_evaluate_nodes=2, weight_cap=0)
+                     min_evaluate_nodes=2, weight_cap=4.0)
     strategy.num_rounds = 1
     messages = strategy.configure_evaluate(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid((11, 12)))
     sent = {m.metadata.dst_node_id: m for m in messages}

@@ -264,6 +264,11 @@ def test_global_loss_is_the_mean_adversarial_cross_entropy_of_the_received_model
         torch.manual_seed(7)
         runs[q] = train_model(model(0), None, make_loader(x, y, batch_size=16, shuffle=True, seed=7),
                               dataclasses.replace(cfg, fair_q=q))
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                             torch.nn.Linear(4 * 6 * 6, 4)).train()
+    stats = [t.clone() for t in bn[1].buffers()]
+    global_loss(bn, loader, cfg)  # in eval mode: the running statistics stay, the mode returns
+    assert all(torch.equal(a, b) for a, b in zip(stats, bn[1].buffers(), strict=True)) and bn.training
     fair = dict(runs[1.0])
     torch.manual_seed(7)
     assert fair.pop("global-loss") == pytest.approx(global_loss(model(0), loader, cfg), rel=1e-6)
