@@ -342,3 +342,13 @@ def test_a_stalled_run_writes_the_results_of_its_completed_rounds(tmp_path):
     round_1 = load_checkpoint(folder / "checkpoint-round0001.pt", config)
     saved = torch.load(folder / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in round_1["model"].items())
+
+
+def test_a_q_ffl_federation_trains_and_evaluates_every_round(tmp_path):
+    """fair-q end to end: nodes report global-loss, the server reweights the train mean, and
+    federated evaluation (no global-loss in its replies) still runs every round."""
+    _, results = run_federation(tmp_path, **{"objective": "ce", "fair-q": 5.0})
+    assert results["config"]["fair-q"] == 5.0
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    for row in results["rounds"][1:]:
+        assert row["failures"] == [] and row["train_replies"] == 3 and row["fed_num_clients"] == 3
