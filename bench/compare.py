@@ -279,12 +279,18 @@ def report(out: Path, cells: list[Cell]) -> str:
     text = "\n".join(header + lines + ([""] + [f"Not finished: {', '.join(missing)}"] if missing else []))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text + "\n")
-    # A grid kept under version control (e.g. under docs/) keeps only what the report is built
-    # from, so that a grid spread over several sessions resumes from a fresh clone.
-    (out / ".gitignore").write_text("*\n!*/\n!final.json\n!/report.md\n!/*.png\n!/.gitignore\n")
+    write_gitignore(out)
     if groups:
         plot(out, groups)
     return text
+
+
+def write_gitignore(out: Path) -> None:
+    """A grid kept under version control (e.g. under docs/) keeps only what the report is built
+    from, so that a grid spread over several sessions resumes from a fresh clone. Written before
+    the first cell runs too: a grid stopped mid-cell has no run files to commit by mistake."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".gitignore").write_text("*\n!*/\n!final.json\n!/report.md\n!/*.png\n!/.gitignore\n")
 
 
 def plot(out: Path, groups: dict[tuple[float, str], list[dict[str, Any]]]) -> None:
@@ -335,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [c for c in args.cells if not (args.out / "runs" / c.name / "final.json").is_file()]
         print(f"grid: {len(args.cells)} cells, {len(args.cells) - len(todo)} already finished, "
               f"{len(todo)} to run; folder {args.out}", flush=True)
+        write_gitignore(args.out)
         start = time.time()
         for i, cell in enumerate(todo, 1):
             folder = args.out / "runs" / cell.name

@@ -161,3 +161,17 @@ def test_a_cell_stopped_mid_run_resumes_after_its_last_checkpoint(tmp_path, monk
     folder = tmp_path / "runs" / "other"
     compare.run_cell(cell, folder, args)
     assert "resume-from" not in calls[-1]
+
+
+def test_the_grid_folder_ignores_run_files_before_the_first_cell_runs(tmp_path, monkeypatch):
+    """Stopped mid-cell, a grid under version control has no run files to commit by mistake."""
+    seen = []
+
+    def first_cell(cell, folder, args):
+        seen.append((tmp_path / "grid" / ".gitignore").is_file())
+        raise KeyboardInterrupt  # the session ends here
+
+    monkeypatch.setattr(compare, "finish_cell", first_cell)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(["--methods", "pmafl", "--seeds", "0", "--out", str(tmp_path / "grid")])
+    assert seen == [True]
