@@ -144,16 +144,17 @@ def run_config(cell: Cell, overrides: dict[str, str], results_dir: Path) -> str:
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def resume_from(cell: Cell, results_dir: Path, args: argparse.Namespace) -> str:
-    """` resume-from='FOLDER'` for the cell's newest run folder that holds checkpoints but no
-    results.json, if its checkpoint fits the cell's config ("" otherwise: the cell starts afresh,
-    and says why). Refuses a folder checkpointed in the last `LIVE_SECONDS`: stopping `flwr run`
-    stops only its log stream, so its run may still be writing there."""
-    interrupted = sorted(f for f in results_dir.glob("*") if f.is_dir() and checkpoint_files(f))
+def resume_from(cell: Cell, results_dir: Path, args: argparse.Namespace) -> Path | None:
+    """The cell's newest run folder that holds checkpoints but no results.json, if its checkpoint
+    fits the cell's config (None otherwise: the cell starts afresh, and says why).
+    Refuses a folder checkpointed in the last `LIVE_SECONDS`: stopping `flwr run` stops only its
+    log stream, so its run may still be writing there."""
+    interrupted = sorted((f, found) for f in results_dir.glob("*") if f.is_dir()
+                         if (found := checkpoint_files(f)))
     if not interrupted:
-        return ""
-    folder = interrupted[-1]
-    age = time.time() - checkpoint_files(folder)[-1].stat().st_mtime
+        return None
+    folder, found = interrupted[-1]
+    age = time.time() - found[-1].stat().st_mtime
     if age < LIVE_SECONDS:
         raise RuntimeError(f"cell {cell.name}: {folder} was checkpointed {age:.0f} s ago, so its run "
                            "may still be going (stopping `flwr run` stops only its log stream; "
@@ -163,8 +164,8 @@ def resume_from(cell: Cell, results_dir: Path, args: argparse.Namespace) -> str:
         load_checkpoint(folder, config.to_dict())
     except CheckpointError as e:
         print(f"  not resuming {folder}: {e}; the cell starts afresh", flush=True)
-        return ""
-    return f" resume-from='{folder}'"
+        return None
+    return folder
 
 
 def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
@@ -179,10 +180,11 @@ def run_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> Path:
     command = ["flwr", "run", str(args.app), *([args.superlink] if args.superlink else []), "--stream",
                "--federation-config", f"num-supernodes={args.supernodes} client-resources-num-cpus=1 "
                                       f"client-resources-num-gpus={args.client_gpus}",
-               "--run-config", run_config(cell, args.overrides, results_dir) + resume]
+               "--run-config", run_config(cell, args.overrides, results_dir)
+               + (f" resume-from='{resume}'" if resume else "")]
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     if resume:
-        print(f"  resuming {resume.split('=', 1)[1]} after its last checkpoint", flush=True)
+        print(f"  resuming {resume} after its last checkpoint", flush=True)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with (folder / "log.txt").open("a" if resume else "w") as log:
