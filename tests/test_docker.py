@@ -13,49 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from compose_model import DOCKER, STACKS, merge
 from flwr.supercore.cli.flower_superexec import _parse_args as _parse_args_superexec
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-DOCKER = Path(__file__).resolve().parents[1] / "docker"
 FLWR_VERSION = importlib.metadata.version("flwr")
-STACKS = {
-    "base": ["compose.yml"],
-    "tls": ["compose.yml", "compose.tls.yml"],
-    "tls+auth": ["compose.yml", "compose.tls.yml", "compose.auth.yml"],
-    "tls+auth+state": ["compose.yml", "compose.tls.yml", "compose.auth.yml", "compose.state.yml"],
-    "gpu": ["compose.yml", "compose.gpu.yml"],
-    "remote node": ["compose.node.yml"],
-}
 PARSERS = {"superlink": _parse_args_run_superlink, "supernode": _parse_args_run_supernode,
            "superexec": _parse_args_superexec}
-
-
-def merge(files):
-    """The compose model of `files` merged in order, as `docker compose -f ... -f ...` does for
-    the keys used here: mappings merge, `command` is replaced, volumes merge by mount target."""
-    model = {}
-    for name in files:
-        doc = yaml.safe_load((DOCKER / name).read_text())
-        for key, value in doc.items():
-            if key.startswith("x-"):
-                continue
-            if key != "services":
-                model[key] = {**model.get(key, {}), **(value or {})} if isinstance(value, dict) else value
-                continue
-            services = model.setdefault("services", {})
-            for service, spec in value.items():
-                merged = dict(services.get(service, {}))
-                for field, item in spec.items():
-                    if field == "volumes":
-                        mounts = {v.split(":")[1]: v for v in merged.get("volumes", [])}
-                        mounts.update({v.split(":")[1]: v for v in item})
-                        merged["volumes"] = list(mounts.values())
-                    else:
-                        merged[field] = item
-                services[service] = merged
-    return model
 
 
 def kind(spec):
@@ -66,12 +31,6 @@ def kind(spec):
         return name
     assert image.startswith("pmafl-superexec:"), f"{image}: not an image of docker/Dockerfile"
     return "superexec"
-
-
-def interpolate(text):
-    return re.sub(r"\$\{(\w+)[^}]*\}", lambda m: {"SUPERLINK": "superlink.example.org:8000",
-                                                  "PARTITION_ID": "3", "NUM_PARTITIONS": "10",
-                                                  "NODE_KEY": "supernode-3"}[m.group(1)], text)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +51,13 @@ def test_compose_stack_is_consistent(stack, credential_files):
     services = {n: s for n, s in model["services"].items() if "entrypoint" not in s}
     args = {}
     for name, spec in services.items():
-        command = [interpolate(str(c)) for c in spec["command"]]
+        command = [str(c) for c in spec["command"]]
         try:
             args[name] = (kind(spec), PARSERS[kind(spec)]().parse_args(command))
         except SystemExit:
             pytest.fail(f"{stack}: service {name}: flower-{kind(spec)} {FLWR_VERSION} rejects {command}")
         for volume in spec.get("volumes", []):
-            source = interpolate(volume).split(":")[0]
+            source = volume.split(":")[0]
             if source.startswith("./credentials/"):
                 assert Path(source).name in credential_files, f"{name}: {source} is never made"
             else:
