@@ -228,6 +228,11 @@ def grid(rows: list[tuple[str, str, str]], columns: tuple[str, ...] = ALL, first
     return render
 
 
+def _points(x: float) -> str:
+    """A signed change to one decimal, with no "-0.0" for a change that rounds to nothing."""
+    return f"{round(x, 1) + 0.0:+.1f}"
+
+
 def paired(rows: list[tuple[str, tuple[str, str], tuple[str, str]]],
            columns: tuple[str, ...] = ("clean", "pgd20", "aa", "worst")) -> Callable[[], str]:
     """Per seed, in points, a variant minus its base on the same seed: the mean, then each seed."""
@@ -242,7 +247,7 @@ def paired(rows: list[tuple[str, tuple[str, str], tuple[str, str]]],
             for c in columns:
                 key = COLUMNS[c][0]
                 diffs = [(x[key] - y[key]) * 100 for x, y in zip(v, b, strict=True)]
-                cells.append(f"{statistics.mean(diffs):+.1f} (" + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+                cells.append(f"{_points(statistics.mean(diffs))} (" + ", ".join(map(_points, diffs)) + ")")
             body.append([label, ", ".join(str(r["cell"]["seed"]) for r in v), *cells])
         return _table(["change", "seeds", *(COLUMNS[c][1] for c in columns)], body) + src.caption()
     return render
@@ -610,6 +615,12 @@ TABLES: dict[str, Callable[[], str]] = {
                         columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),
     "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
+    "fair-fashion": grid([("`pmafl` (the default)", "defaults-fashion", "pmafl"),
+                          ("`pmafl`, `fair-q=5`", "fair-fashion", "pmafl")],
+                         columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),
+    "fair-fashion-change": paired([("`fair-q=5`", ("fair-fashion", "pmafl"),
+                                    ("defaults-fashion", "pmafl"))],
+                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
 }
 
 _BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
