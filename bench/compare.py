@@ -236,10 +236,12 @@ def finish_cell(cell: Cell, folder: Path, args: argparse.Namespace) -> None:
 
 
 def mean_std(values: list[float]) -> str:
+    """Mean ± sample std; one value alone, with no spread to show."""
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def report(out: Path, cells: list[Cell]) -> str:

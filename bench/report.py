@@ -615,6 +615,7 @@ TABLES: dict[str, Callable[[], str]] = {
                         columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),
     "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
+    "fashion-6000": grid([("`fat`", "fashion-6000/grid", "fat")], cost=True),
     "fair-fashion": grid([("`pmafl` (the default)", "defaults-fashion", "pmafl"),
                           ("`pmafl`, `fair-q=5`", "fair-fashion", "pmafl")],
                          columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),

@@ -40,6 +40,12 @@ def test_report_is_mean_and_std_over_seeds_of_finished_cells(tmp_path):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_one_seed_shows_its_value_without_a_spread():
+    assert compare.mean_std([0.8236]) == "0.824"  # not "0.824 ± 0.000": one seed has no std
+    assert compare.mean_std([0.5, 0.7]) == "0.600 ± 0.141"  # sample std: 0.2 / sqrt(2)
+    assert compare.mean_std([]) == "-"
+
+
 def test_report_shows_the_runs_payload_megabytes_when_every_cell_has_them(tmp_path):
     cells = [compare.Cell("pmafl", 0.1, s) for s in (0, 1)]
     for cell, received in zip(cells, (3_000_000, 2_000_000)):
