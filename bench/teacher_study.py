@@ -110,7 +110,7 @@ def study_row(name: str, items: list[str], args: argparse.Namespace) -> dict:
     if teacher is None:  # AutoAttack on a cnn-large teacher takes most of an hour on 2 cores
         teacher = evaluate_model_file([str(path), "--attacks", "pgd20,autoattack", "--limit",
                                        str(args.test_n), "--autoattack-n", str(args.autoattack_n),
-                                       "--sweep", "0", "--out", str(report)])
+                                       "--sweep", "", "--out", str(report)])
     students = args.out / "students" / name
     grid = ["--methods", args.method, "--seeds", args.seeds, "--alphas", repr(cfg.dirichlet_alpha),
             "--out", str(students), "--test-n", str(args.test_n), "--autoattack-n", str(args.autoattack_n)]

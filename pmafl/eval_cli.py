@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="test images AutoAttack runs on (the first N; default 100, it is slow)")
     parser.add_argument("--sweep", default="0,0.5,1,2,3,4",
                         help="eps sweep as multiples of --eps, kept up to eps 0.45 where reaching "
-                             "0 still proves something (default: 0,0.5,1,2,3,4)")
+                             "0 still proves something (default: 0,0.5,1,2,3,4; \"\": no sweep)")
     parser.add_argument("--sweep-n", type=int, default=500,
                         help="test images of the eps sweep, the first N of those evaluated "
                              "(default 500; 0: all)")

@@ -103,14 +103,15 @@ def catastrophic_overfitting(rounds: list[dict[str, float]], drop: float = 0.5,
 def gradient_masking_warnings(sweep: list[dict[str, float]], num_examples: int,
                               zero_level: float = 0.05) -> list[str]:
     """Signs that gradients are masked: robust accuracy that rises as eps grows (beyond one
-    example's worth of noise) or that is still above `zero_level` at the largest eps."""
+    example's worth of noise) or that is still above `zero_level` at the largest eps (when that
+    eps is above 0: a sweep of eps 0 alone is clean accuracy and shows nothing)."""
     warnings = []
     slack = 1.0 / max(num_examples, 1)
     for before, after in zip(sweep, sweep[1:]):
         if after["pgd20_acc"] > before["pgd20_acc"] + slack:
             warnings.append(f"PGD-20 accuracy rises from {before['pgd20_acc']:.3f} at eps "
                             f"{before['eps']:g} to {after['pgd20_acc']:.3f} at eps {after['eps']:g}")
-    if sweep and sweep[-1]["pgd20_acc"] > zero_level:
+    if sweep and sweep[-1]["eps"] > 0 and sweep[-1]["pgd20_acc"] > zero_level:
         warnings.append(f"PGD-20 accuracy is still {sweep[-1]['pgd20_acc']:.3f} at the largest eps "
                         f"{sweep[-1]['eps']:g} (expected about 0)")
     return warnings

@@ -54,6 +54,8 @@ def test_gradient_masking_warnings():
     assert "rises from 0.300 at eps 0.1 to 0.400 at eps 0.2" in warning
     stuck = [{"eps": e, "pgd20_acc": a} for e, a in [(0, 0.9), (1.0, 0.3)]]
     assert "still 0.300 at the largest eps 1" in gradient_masking_warnings(stuck, 100)[0]
+    assert gradient_masking_warnings([{"eps": 0.0, "pgd20_acc": 0.8}], 100) == []  # clean only
+    assert gradient_masking_warnings([], 100) == []
 
 
 def test_cli_evaluates_a_cached_teacher_and_writes_json(tmp_path):
