@@ -102,7 +102,8 @@ GRIDS: dict[str, str] = {
         f"--run {m}=docs/results/fashion-mnist:{m}" for m in ("pgd-at", "fat", "trades", "calfat", "pmafl"))
         + " --run \"pmafl + KDIGA=docs/results/kdiga-fashion/weight1:pmafl\"",
     "curves/fashion-6000.json": "python bench/curves.py " + " ".join(
-        f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades")),
+        f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades"))
+        + " --run \"pmafl + KDIGA=docs/results/fashion-6000/kdiga1:pmafl\"",
     "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
     "worst-node/digits-pgd-at-seed0.json": "./run.sh --run-config \"objective='pgd-at'\" && "
                                            "python bench/worst_node.py results/<run>",
@@ -617,7 +618,9 @@ TABLES: dict[str, Callable[[], str]] = {
                         columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),
     "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
-    "fashion-6000": grid([(f"`{m}`", "fashion-6000/grid", m) for m in ("fat", "trades")], cost=True),
+    "fashion-6000": grid([(f"`{m}`", "fashion-6000/grid", m) for m in ("fat", "trades")]
+                         + [("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl")],
+                         cost=True),
     "curves-fashion-6000": curves("fashion-6000"),
     "fair-fashion": grid([("`pmafl` (the default)", "defaults-fashion", "pmafl"),
                           ("`pmafl`, `fair-q=5`", "fair-fashion", "pmafl")],
