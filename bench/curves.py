@@ -8,8 +8,10 @@ the numbers behind it.
         --out docs/results/curves/fashion-2000.json
 
 A run is `LABEL=GRID:METHOD` (repeatable): the cells of METHOD in the grid folder GRID, one per
-seed. Writes `--out` with the suffix .json (per run: the rounds, mean and std over seeds of clean
-and PGD-20 accuracy) and with the suffix .png (both curves, mean and a band of one std).
+seed; or `LABEL=FILE`, the results.json of one `flwr run` (a run cut short before its attack
+suite included), as one seed. Writes `--out` with the suffix .json (per run: the rounds, mean
+and std over seeds of clean and PGD-20 accuracy) and with the suffix .png (both curves, mean and
+a band of one std).
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ def load_run(grid: Path, method: str) -> list[list[dict]]:
                          f"(runs/{method}_alpha*_seed*/final.json)")
     finals = sorted((json.loads(p.read_text()) for p in paths), key=lambda f: f["cell"]["seed"])
     return [[row for row in f["rounds"] if "clean_acc" in row] for f in finals]
+
+
+def load_results(path: Path) -> list[list[dict]]:
+    """One run's per-round rows from its results.json, as a single seed."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such results file (a run's results.json)")
+    rows = [row for row in json.loads(path.read_text()).get("rounds", []) if "clean_acc" in row]
+    if not rows:
+        raise SystemExit(f"{path}: no round with a central evaluation ('rounds' rows with clean_acc)")
+    return [rows]
 
 
 def summarise(seeds: list[list[dict]]) -> dict:
@@ -71,15 +83,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=GRID:METHOD",
-                        help="a method of a grid folder, under a label (repeatable)")
+                        help="a method of a grid folder, or LABEL=FILE a run's results.json, "
+                             "under a label (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="output path; its .json and .png are written")
     args = parser.parse_args(argv)
     curves = {}
     for item in args.run:
         label, sep, rest = item.partition("=")
+        if sep and label and rest.endswith(".json"):
+            curves[label] = {"file": rest, **summarise(load_results(Path(rest)))}
+            continue
         grid, sep2, method = rest.rpartition(":")
         if not (sep and sep2 and label and grid and method):
-            parser.error(f"--run takes LABEL=GRID:METHOD, got {item!r}")
+            parser.error(f"--run takes LABEL=GRID:METHOD or LABEL=FILE.json, got {item!r}")
         curves[label] = {"grid": grid, "method": method, **summarise(load_run(Path(grid), method))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
@@ -87,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, c in curves.items():
         print(f"{label:<24} " + "  ".join(f"r{r}: {a:.3f}/{p:.3f}" for r, a, p in
                                           zip(c["rounds"], c["clean_acc"], c["pgd_acc"], strict=True)
-                                          if r % 10 == 0))
+                                          if r % 5 == 0))
     print(f"Written to {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -104,6 +104,11 @@ GRIDS: dict[str, str] = {
     "curves/fashion-6000.json": "python bench/curves.py " + " ".join(
         f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades"))
         + " --run \"pmafl + KDIGA=docs/results/fashion-6000/kdiga1:pmafl\"",
+    "curves/probes-fashion-6000.json": "python bench/curves.py --run \"pmafl + KDIGA (the 30-round "
+        "cell)=docs/results/fashion-6000/kdiga1:pmafl\" " + " ".join(
+            f"--run \"{label}=docs/results/fashion-6000/probes/{name}/results.json\""
+            for name, label in (("teacher-epochs30", "teacher-epochs 30"), ("ce-weight1", "ce-weight 1"),
+                                ("ce-weight3", "ce-weight 3"))),
     "worst-node/digits-pmafl-seed0.json": "./run.sh && python bench/worst_node.py results/<run>",
     "worst-node/digits-pgd-at-seed0.json": "./run.sh --run-config \"objective='pgd-at'\" && "
                                            "python bench/worst_node.py results/<run>",
@@ -391,12 +396,12 @@ def curves(name: str, at: tuple[int, ...] = (10, 20, 30)) -> Callable[[], str]:
         body = []
         for label, c in data.items():
             index = {r: i for i, r in enumerate(c["rounds"])}
-            last = c["rounds"][-1]
+            last = at[-1]
             cells = [f"{c['clean_acc'][index[r]]:.3f} / {c['pgd_acc'][index[r]]:.3f}" for r in at]
             gain = c["pgd_acc"][index[last]] - c["pgd_acc"][index[last - 10]]
             body.append([label, *cells, f"{gain:+.3f}", str(c["seeds"])])
-        header = ["run", *(f"round {r}: clean / PGD-20" for r in at), "PGD-20 gain, last 10 rounds",
-                  "seeds"]
+        header = ["run", *(f"round {r}: clean / PGD-20" for r in at),
+                  f"PGD-20 gain, rounds {at[-1] - 10}-{at[-1]}", "seeds"]
         note = (f"\nThe per-round central evaluation (the run's `eval-examples` test images), mean over "
                 f"seeds; the curves: [{name}.png](results/curves/{name}.png).\n")
         return _table(header, body) + note + src.caption()
@@ -622,6 +627,7 @@ TABLES: dict[str, Callable[[], str]] = {
                          + [("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl")],
                          cost=True),
     "curves-fashion-6000": curves("fashion-6000"),
+    "probes-fashion-6000": curves("probes-fashion-6000", at=(5, 10, 15)),
     "fair-fashion": grid([("`pmafl` (the default)", "defaults-fashion", "pmafl"),
                           ("`pmafl`, `fair-q=5`", "fair-fashion", "pmafl")],
                          columns=("clean", "pgd20", "aa", "nodes", "worst"), first="run", bold=False),

@@ -100,6 +100,21 @@ def test_curves_average_the_seeds_round_by_round():
     assert out["pgd_acc_std"] == pytest.approx([0.0, 0.1414213562])  # stdev of 0.2, 0.4
 
 
+def test_curves_read_one_runs_results_file(tmp_path):
+    import curves
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"config": {}, "rounds": [
+        {"round": 0, "clean_acc": 0.1, "pgd_acc": 0.0}, {"round": 1, "loss": 2.0},  # no evaluation
+        {"round": 2, "clean_acc": 0.6, "pgd_acc": 0.3}]}))
+    out = tmp_path / "c.json"
+    assert curves.main(["--run", f"probe={results}", "--out", str(out)]) == 0
+    probe = json.loads(out.read_text())["probe"]
+    assert probe["rounds"] == [0, 2] and probe["seeds"] == 1 and probe["clean_acc"] == [0.1, 0.6]
+    with pytest.raises(SystemExit, match="no such results file"):
+        curves.main(["--run", f"probe={tmp_path / 'missing.json'}", "--out", str(out)])
+
+
 def test_teacher_study_reads_a_teacher_report_only_for_the_same_file_and_images(tmp_path):
     from pmafl.files import file_sha256
 
