@@ -25,6 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def evaluated_rounds(record: dict) -> list[dict]:
+    """The rounds of a final.json or results.json that carry a central evaluation."""
+    return [row for row in record.get("rounds", []) if "clean_acc" in row]
+
+
 def load_run(grid: Path, method: str) -> list[list[dict]]:
     """Each seed's per-round rows of METHOD in the grid folder, by seed."""
     paths = sorted((grid / "runs").glob(f"{method}_alpha*_seed*/final.json"))
@@ -32,14 +37,14 @@ def load_run(grid: Path, method: str) -> list[list[dict]]:
         raise SystemExit(f"{grid}: no finished cell of method '{method}' "
                          f"(runs/{method}_alpha*_seed*/final.json)")
     finals = sorted((json.loads(p.read_text()) for p in paths), key=lambda f: f["cell"]["seed"])
-    return [[row for row in f["rounds"] if "clean_acc" in row] for f in finals]
+    return [evaluated_rounds(f) for f in finals]
 
 
 def load_results(path: Path) -> list[list[dict]]:
     """One run's per-round rows from its results.json, as a single seed."""
     if not path.is_file():
         raise SystemExit(f"{path}: no such results file (a run's results.json)")
-    rows = [row for row in json.loads(path.read_text()).get("rounds", []) if "clean_acc" in row]
+    rows = evaluated_rounds(json.loads(path.read_text()))
     if not rows:
         raise SystemExit(f"{path}: no round with a central evaluation ('rounds' rows with clean_acc)")
     return [rows]
