@@ -79,6 +79,8 @@ GRIDS: dict[str, str] = {
     "fair-fashion": f"python bench/compare.py --methods pmafl {FASHION} --set fair-q=5.0",
     "fashion-6000/grid": f"python bench/compare.py --methods pgd-at,fat,trades,calfat,pmafl {FASHION_6000}",
     "fashion-6000/kdiga1": f"python bench/compare.py --methods pmafl {FASHION_6000} --set kdiga-weight=1",
+    "fashion-6000/kdiga1-ce1": f"python bench/compare.py --methods pmafl {FASHION_6000} --set kdiga-weight=1 "
+                               "--set ce-weight=1",
     "step-time/cpu-28x28.json": "python bench/step_time.py --image-size 28 --repeats 2",
     "deployment/3-nodes.json": "python bench/deployment.py",
     "scale/10-vs-100.json": "python bench/scale.py",
@@ -103,7 +105,8 @@ GRIDS: dict[str, str] = {
         + " --run \"pmafl + KDIGA=docs/results/kdiga-fashion/weight1:pmafl\"",
     "curves/fashion-6000.json": "python bench/curves.py " + " ".join(
         f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades"))
-        + " --run \"pmafl + KDIGA=docs/results/fashion-6000/kdiga1:pmafl\"",
+        + " --run \"pmafl + KDIGA=docs/results/fashion-6000/kdiga1:pmafl\""
+        + " --run \"pmafl + KDIGA + CE=docs/results/fashion-6000/kdiga1-ce1:pmafl\"",
     "curves/probes-fashion-6000.json": "python bench/curves.py --run \"pmafl + KDIGA (the 30-round "
         "cell)=docs/results/fashion-6000/kdiga1:pmafl\" " + " ".join(
             f"--run \"{label}=docs/results/fashion-6000/probes/{name}/results.json\""
@@ -624,7 +627,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
     "fashion-6000": grid([(f"`{m}`", "fashion-6000/grid", m) for m in ("fat", "trades")]
-                         + [("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl")],
+                         + [("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl"),
+                            ("`pmafl` + KDIGA + CE (`kdiga-weight=1 ce-weight=1`)", "fashion-6000/kdiga1-ce1",
+                             "pmafl")],
                          cost=True),
     "curves-fashion-6000": curves("fashion-6000"),
     "probes-fashion-6000": curves("probes-fashion-6000", at=(5, 10, 15)),
