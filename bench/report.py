@@ -81,6 +81,12 @@ GRIDS: dict[str, str] = {
     "fashion-6000/kdiga1": f"python bench/compare.py --methods pmafl {FASHION_6000} --set kdiga-weight=1",
     "fashion-6000/kdiga1-ce1": f"python bench/compare.py --methods pmafl {FASHION_6000} --set kdiga-weight=1 "
                                "--set ce-weight=1",
+    # The rule's digits clause: each candidate in the default digits federation, run with the code of
+    # the `digits` grid it is compared with (kdiga-digits/ is older: its pmafl scores 1.6 clean points
+    # below today's).
+    "rule-digits/kdiga1": "python bench/compare.py --methods pmafl --set kdiga-weight=1 --autoattack-n 200",
+    "rule-digits/kdiga1-ce1": "python bench/compare.py --methods pmafl --set kdiga-weight=1 "
+                              "--set ce-weight=1 --autoattack-n 200",
     "step-time/cpu-28x28.json": "python bench/step_time.py --image-size 28 --repeats 2",
     "deployment/3-nodes.json": "python bench/deployment.py",
     "scale/10-vs-100.json": "python bench/scale.py",
@@ -143,11 +149,15 @@ class Sources:
     def __init__(self) -> None:
         self.used: dict[str, list[dict[str, Any]]] = {}
 
-    def runs(self, folder: str, method: str, seed: int | None = None) -> list[dict[str, Any]]:
-        """The final.json of every seed (or of `seed`) of `method` in the grid `folder`, by seed."""
+    def runs(self, folder: str, method: str, seed: int | None = None,
+             optional: bool = False) -> list[dict[str, Any]]:
+        """The final.json of every seed (or of `seed`) of `method` in the grid `folder`, by seed;
+        none is an error unless `optional` (a grid still running)."""
         paths = sorted((RESULTS / folder / "runs").glob(f"{method}_alpha*_seed*/final.json"))
         runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["cell"]["seed"])
         runs = [r for r in runs if seed is None or r["cell"]["seed"] == seed]
+        if not runs and optional:
+            return []
         if not runs:
             raise SystemExit(f"docs/results/{folder}: no finished cell of method '{method}'"
                              + (f" with seed {seed}" if seed is not None else ""))
@@ -554,6 +564,84 @@ FEDFTG_ROWS = [("`ce` (FedAvg)", "ce"), ("`ce` + `fedftg`", "ce+fedftg"), ("`pgd
 FASHION_METHODS = ["ce", "pgd-at", "fat", "trades", "mart", "calfat", "pmafl"]
 
 
+def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tuple[str, ...],
+         default_digits: str = "digits", seeds: tuple[int, ...] = (0, 1, 2)) -> Callable[[], str]:
+    """The rule of docs/fashion-mnist.md that picks the default objective, applied to the committed
+    cells. Each candidate is (label, its Fashion-MNIST grid folder, its digits grid folder), all
+    runs of method `pmafl`; the baselines are methods of `grid_folder`. AutoAttack: the candidate's
+    mean beats each baseline's mean by more than the larger of the two sample standard deviations;
+    clean: at most 2 points below the best baseline's mean; digits: mean clean and AutoAttack each
+    at least the default's mean minus its std. A clause is decided once all `seeds` of what it
+    compares are in; before that the table shows where a candidate stands."""
+    def render() -> str:
+        src = Sources()
+
+        def stats(runs: list[dict[str, Any]], c: str) -> tuple[float, float | None]:
+            v = [r[COLUMNS[c][0]] for r in runs]
+            return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None
+
+        def lacking(runs: list[dict[str, Any]]) -> list[int]:
+            return [s for s in seeds if s not in {r["cell"]["seed"] for r in runs}]
+
+        base = {m: src.runs(grid_folder, m, optional=True) for m in baselines}
+        base_done = not any(lacking(r) for r in base.values())
+        default = src.runs(default_digits, "pmafl")
+        floor = {c: stats(default, c)[0] - stats(default, c)[1] for c in ("clean", "aa")}
+        body, qualified = [], []
+        for label, folder, digits_folder in candidates:
+            runs = src.runs(folder, "pmafl", optional=True)
+            digits = src.runs(digits_folder, "pmafl", optional=True)
+            fashion_done = base_done and not lacking(runs)
+            failed, behind, wants = [], [], []
+            aa_text = clean_text = digits_text = "-"
+            present = {m: r for m, r in base.items() if r}
+            if runs and present:
+                aa, aa_sd = stats(runs, "aa")
+                margins = []
+                for m, r in present.items():
+                    b, b_sd = stats(r, "aa")
+                    need = max(aa_sd, b_sd) if aa_sd is not None and b_sd is not None else None
+                    margins.append(((aa - b) * 100, need, m))
+                lead, need, m = min(margins, key=lambda x: x[0] - (x[1] or 0) * 100)
+                aa_text = f"{_points(lead)} over `{m}` (" + (
+                    f"needs more than {need * 100:.1f})" if need is not None else "no std from one seed)")
+                gap = (stats(runs, "clean")[0] - max(stats(r, "clean")[0] for r in present.values())) * 100
+                clean_text = f"{_points(gap)} (allowed -2.0)"
+                (failed if fashion_done else behind).extend(
+                    ["AutoAttack"] * (need is not None and lead <= need * 100) + ["clean"] * (gap < -2))
+            if lacking(runs):
+                wants.append(f"its seed{'s' * (len(lacking(runs)) > 1)} "
+                             + ", ".join(map(str, lacking(runs))))
+            if digits:
+                d = {c: stats(digits, c)[0] for c in ("clean", "aa")}
+                digits_text = " / ".join(f"{d[c]:.3f} ({'≥' if d[c] >= floor[c] else '<'} {floor[c]:.3f})"
+                                         for c in ("clean", "aa"))
+                (behind if lacking(digits) else failed).extend(
+                    f"digits {COLUMNS[c][1]}" for c in ("clean", "aa") if d[c] < floor[c])
+            if not digits or lacking(digits):
+                wants.append("its digits cells")
+            if failed:
+                verdict = "fails on " + ", ".join(failed) + (
+                    f"; behind so far on {', '.join(behind)}" if behind else "")
+            elif wants or not fashion_done:
+                verdict = "open" + (f", behind so far on {', '.join(behind)}" if behind else "") + \
+                    (f"; needs {', '.join(wants)}" if wants else "")
+            else:
+                verdict = "qualifies"
+                qualified.append((stats(runs, "aa")[0], label))
+            body.append([label, str(len(runs)), aa_text, clean_text, digits_text, verdict])
+        header = ["candidate", "seeds", "AutoAttack lead over the closest baseline, points",
+                  "clean against the best baseline, points", "digits clean / AutoAttack (floor)", "verdict"]
+        todo = [f"`{m}` seed{'s' * (len(lacking(r)) > 1)} {', '.join(map(str, lacking(r)))}"
+                for m, r in base.items() if lacking(r)]
+        outcome = (f"The rule picks {max(qualified)[1]}." if qualified else
+                   "No candidate qualifies yet: the default stays `pmafl`.")
+        if todo:
+            outcome += " Baseline cells still to run: " + "; ".join(todo) + "."
+        return _table(header, body) + "\n" + outcome + "\n" + src.caption()
+    return render
+
+
 def _kdiga(data: str, pmafl_folder: str) -> list[tuple[str, str, str]]:
     return [("plain KD (`kdiga`, weight 0)", f"kdiga-{data}/weight0", "kdiga"),
             ("`kdiga`, weight 3", f"kdiga-{data}/weight3", "kdiga"),
@@ -631,6 +719,10 @@ TABLES: dict[str, Callable[[], str]] = {
                             ("`pmafl` + KDIGA + CE (`kdiga-weight=1 ce-weight=1`)", "fashion-6000/kdiga1-ce1",
                              "pmafl")],
                          cost=True),
+    "rule-fashion-6000": rule([("`pmafl` (the default)", "fashion-6000/grid", "digits"),
+                               ("`pmafl` + KDIGA", "fashion-6000/kdiga1", "rule-digits/kdiga1"),
+                               ("`pmafl` + KDIGA + CE", "fashion-6000/kdiga1-ce1", "rule-digits/kdiga1-ce1")],
+                              "fashion-6000/grid", ("pgd-at", "fat", "trades", "calfat")),
     "curves-fashion-6000": curves("fashion-6000"),
     "probes-fashion-6000": curves("probes-fashion-6000", at=(5, 10, 15)),
     "fair-fashion": grid([("`pmafl` (the default)", "defaults-fashion", "pmafl"),

@@ -70,3 +70,32 @@ def test_a_missing_cell_is_an_error_naming_folder_and_method(tmp_path, monkeypat
         assert "docs/results/nowhere" in str(e) and "'pmafl'" in str(e)
     else:
         raise AssertionError("a table of missing data was written")
+
+
+def test_the_default_rule_against_hand_computed_margins(tmp_path, monkeypatch):
+    """docs/fashion-mnist.md's rule: AutoAttack lead above the larger std, at most 2 clean points
+    behind, digits no worse than the default's mean minus its std; decided only on every seed."""
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    for name in ("g", "d", "a", "da", "b", "db", "c"):
+        monkeypatch.setitem(report.GRIDS, name, f"python bench/compare.py # {name}")
+    for seed, (clean, aa) in enumerate([(0.90, 0.40), (0.92, 0.42), (0.94, 0.44)]):
+        _cell(tmp_path, "d", "pmafl", seed, clean_acc=clean, autoattack_acc=aa)  # floor 0.900 / 0.400
+    for seed, aa in enumerate([0.50, 0.52, 0.54]):  # baseline: mean 0.52, std 0.02
+        _cell(tmp_path, "g", "x", seed, clean_acc=0.80, autoattack_acc=aa)
+    for seed in range(3):
+        _cell(tmp_path, "a", "pmafl", seed, clean_acc=0.79, autoattack_acc=[0.56, 0.57, 0.58][seed])
+        _cell(tmp_path, "da", "pmafl", seed, clean_acc=0.91, autoattack_acc=0.41)
+        _cell(tmp_path, "b", "pmafl", seed, clean_acc=0.77, autoattack_acc=[0.52, 0.53, 0.54][seed])
+        _cell(tmp_path, "db", "pmafl", seed, clean_acc=0.89, autoattack_acc=0.41)
+    _cell(tmp_path, "c", "pmafl", 0, clean_acc=0.85, autoattack_acc=0.70)
+    text = report.rule([("A", "a", "da"), ("B", "b", "db"), ("C", "c", "nowhere")], "g", ("x",), "d")()
+    # A: lead 0.57 - 0.52 = 5.0 points > max(0.01, 0.02); clean 0.79 - 0.80 = -1.0; digits above the floor
+    assert ("| A | 3 | +5.0 over `x` (needs more than 2.0) | -1.0 (allowed -2.0) | "
+            "0.910 (≥ 0.900) / 0.410 (≥ 0.400) | qualifies |") in text
+    # B: lead 1.0 point, not above 2.0; clean -3.0; digits clean below 0.900
+    assert "| B | 3 | +1.0 over `x` (needs more than 2.0) | -3.0 (allowed -2.0) | 0.890 (< 0.900)" in text
+    assert "| fails on AutoAttack, clean, digits clean |" in text
+    # C: one seed and no digits cells, however far ahead: not decided
+    assert "| C | 1 | +18.0 over `x` (no std from one seed) | +5.0 (allowed -2.0) | - | " \
+           "open; needs its seeds 1, 2, its digits cells |" in text
+    assert "The rule picks A." in text
