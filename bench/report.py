@@ -568,13 +568,18 @@ def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tu
          default_digits: str = "digits", seeds: tuple[int, ...] = (0, 1, 2)) -> Callable[[], str]:
     """The rule of docs/fashion-mnist.md that picks the default objective, applied to the committed
     cells. Each candidate is (label, its Fashion-MNIST grid folder, its digits grid folder), all
-    runs of method `pmafl`; the baselines are methods of `grid_folder`. AutoAttack: the candidate's
-    mean beats each baseline's mean by more than the larger of the two sample standard deviations;
-    clean: at most 2 points below the best baseline's mean; digits: mean clean and AutoAttack each
-    at least the default's mean minus its std. A clause is decided once all `seeds` of what it
-    compares are in; before that the table shows where a candidate stands."""
+    runs of method `pmafl`; the baselines are methods of `grid_folder`; only cells of `seeds` count.
+    AutoAttack: the candidate's mean beats each baseline's mean by more than the larger of the two
+    sample standard deviations; clean: at most 2 points below the best baseline's mean; digits: mean
+    clean and AutoAttack each at least the default's mean minus its std. A clause is decided once
+    every seed of what it compares is in, and the pick once no candidate is open; before that the
+    table shows where each candidate stands. Comparisons are rounded to 1e-9, so that an exact tie
+    (means of k/n accuracies) is not decided by floating-point error."""
     def render() -> str:
         src = Sources()
+
+        def cells(folder: str, method: str) -> list[dict[str, Any]]:
+            return [r for r in src.runs(folder, method, optional=True) if r["cell"]["seed"] in seeds]
 
         def stats(runs: list[dict[str, Any]], c: str) -> tuple[float, float | None]:
             v = [r[COLUMNS[c][0]] for r in runs]
@@ -583,41 +588,46 @@ def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tu
         def lacking(runs: list[dict[str, Any]]) -> list[int]:
             return [s for s in seeds if s not in {r["cell"]["seed"] for r in runs}]
 
-        base = {m: src.runs(grid_folder, m, optional=True) for m in baselines}
+        def above(x: float, y: float) -> bool:
+            return round(x - y, 9) > 0
+
+        base = {m: cells(grid_folder, m) for m in baselines}
         base_done = not any(lacking(r) for r in base.values())
-        default = src.runs(default_digits, "pmafl")
+        default = cells(default_digits, "pmafl")
+        if lacking(default):
+            raise SystemExit(f"docs/results/{default_digits}: the default's digits cells lack seeds "
+                             f"{lacking(default)}; the digits floor needs all of {list(seeds)}")
         floor = {c: stats(default, c)[0] - stats(default, c)[1] for c in ("clean", "aa")}
-        body, qualified = [], []
+        body, qualified, still_open = [], [], []
         for label, folder, digits_folder in candidates:
-            runs = src.runs(folder, "pmafl", optional=True)
-            digits = src.runs(digits_folder, "pmafl", optional=True)
+            runs, digits = cells(folder, "pmafl"), cells(digits_folder, "pmafl")
             fashion_done = base_done and not lacking(runs)
             failed, behind, wants = [], [], []
             aa_text = clean_text = digits_text = "-"
             present = {m: r for m, r in base.items() if r}
             if runs and present:
                 aa, aa_sd = stats(runs, "aa")
-                margins = []
+                margins = []  # (lead in points, the larger std known in points, baseline)
                 for m, r in present.items():
                     b, b_sd = stats(r, "aa")
-                    need = max(aa_sd, b_sd) if aa_sd is not None and b_sd is not None else None
-                    margins.append(((aa - b) * 100, need, m))
-                lead, need, m = min(margins, key=lambda x: x[0] - (x[1] or 0) * 100)
+                    sds = [x * 100 for x in (aa_sd, b_sd) if x is not None]
+                    margins.append(((aa - b) * 100, max(sds) if sds else None, m))
+                lead, need, m = min(margins, key=lambda x: x[0] - (x[1] or 0))
                 aa_text = f"{_points(lead)} over `{m}` (" + (
-                    f"needs more than {need * 100:.1f})" if need is not None else "no std from one seed)")
+                    f"needs more than {need:.1f})" if need is not None else "no std from one seed)")
                 gap = (stats(runs, "clean")[0] - max(stats(r, "clean")[0] for r in present.values())) * 100
                 clean_text = f"{_points(gap)} (allowed -2.0)"
                 (failed if fashion_done else behind).extend(
-                    ["AutoAttack"] * (need is not None and lead <= need * 100) + ["clean"] * (gap < -2))
+                    ["AutoAttack"] * (not above(lead, need or 0)) + ["clean"] * above(-2, gap))
             if lacking(runs):
                 wants.append(f"its seed{'s' * (len(lacking(runs)) > 1)} "
                              + ", ".join(map(str, lacking(runs))))
             if digits:
                 d = {c: stats(digits, c)[0] for c in ("clean", "aa")}
-                digits_text = " / ".join(f"{d[c]:.3f} ({'≥' if d[c] >= floor[c] else '<'} {floor[c]:.3f})"
-                                         for c in ("clean", "aa"))
+                digits_text = " / ".join(f"{d[c]:.3f} ({'<' if above(floor[c], d[c]) else '≥'} "
+                                         f"{floor[c]:.3f})" for c in ("clean", "aa"))
                 (behind if lacking(digits) else failed).extend(
-                    f"digits {COLUMNS[c][1]}" for c in ("clean", "aa") if d[c] < floor[c])
+                    f"digits {COLUMNS[c][1]}" for c in ("clean", "aa") if above(floor[c], d[c]))
             if not digits or lacking(digits):
                 wants.append("its digits cells")
             if failed:
@@ -626,16 +636,23 @@ def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tu
             elif wants or not fashion_done:
                 verdict = "open" + (f", behind so far on {', '.join(behind)}" if behind else "") + \
                     (f"; needs {', '.join(wants)}" if wants else "")
+                still_open.append(label)
             else:
                 verdict = "qualifies"
                 qualified.append((stats(runs, "aa")[0], label))
             body.append([label, str(len(runs)), aa_text, clean_text, digits_text, verdict])
-        header = ["candidate", "seeds", "AutoAttack lead over the closest baseline, points",
+        header = ["candidate", "seeds", "AutoAttack lead over the deciding baseline, points",
                   "clean against the best baseline, points", "digits clean / AutoAttack (floor)", "verdict"]
         todo = [f"`{m}` seed{'s' * (len(lacking(r)) > 1)} {', '.join(map(str, lacking(r)))}"
                 for m, r in base.items() if lacking(r)]
-        outcome = (f"The rule picks {max(qualified)[1]}." if qualified else
-                   "No candidate qualifies yet: the default stays `pmafl`.")
+        best = max(qualified)[1] if qualified else ""
+        if still_open:
+            outcome = (f"Not decided yet ({', '.join(still_open)} open"
+                       + (f"; {best} qualifies so far" if best else "") + "): the default stays `pmafl`.")
+        elif best:
+            outcome = f"The rule picks {best}."
+        else:
+            outcome = "No candidate qualifies: the default stays `pmafl`."
         if todo:
             outcome += " Baseline cells still to run: " + "; ".join(todo) + "."
         return _table(header, body) + "\n" + outcome + "\n" + src.caption()
