@@ -110,7 +110,7 @@ GRIDS: dict[str, str] = {
         f"--run {m}=docs/results/fashion-mnist:{m}" for m in ("pgd-at", "fat", "trades", "calfat", "pmafl"))
         + " --run \"pmafl + KDIGA=docs/results/kdiga-fashion/weight1:pmafl\"",
     "curves/fashion-6000.json": "python bench/curves.py " + " ".join(
-        f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades"))
+        f"--run {m}=docs/results/fashion-6000/grid:{m}" for m in ("fat", "trades", "pmafl"))
         + " --run \"pmafl + KDIGA=docs/results/fashion-6000/kdiga1:pmafl\""
         + " --run \"pmafl + KDIGA + CE=docs/results/fashion-6000/kdiga1-ce1:pmafl\"",
     "curves/probes-fashion-6000.json": "python bench/curves.py --run \"pmafl + KDIGA (the 30-round "
@@ -732,7 +732,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "fair-digits-change": paired([("`fair-q=5`", ("fair-digits", "pmafl"), ("digits", "pmafl"))],
                                  columns=("clean", "pgd20", "aa", "nodes", "worst")),
     "fashion-6000": grid([(f"`{m}`", "fashion-6000/grid", m) for m in ("fat", "trades")]
-                         + [("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl"),
+                         + [("`pmafl` (the default)", "fashion-6000/grid", "pmafl"),
+                            ("`pmafl` + KDIGA (`kdiga-weight=1`)", "fashion-6000/kdiga1", "pmafl"),
                             ("`pmafl` + KDIGA + CE (`kdiga-weight=1 ce-weight=1`)", "fashion-6000/kdiga1-ce1",
                              "pmafl")],
                          cost=True),
