@@ -11,10 +11,14 @@ import worst_node
 
 from pmafl.assembly import build_model, load_data, node_data
 from pmafl.config import RunConfig
+from pmafl.teacher import prepare_teacher
 
 
 def test_worst_node_predicts_each_node_from_its_class_mix(tmp_path):
-    cfg = RunConfig.from_mapping({"seed": 3})
+    # The run's teacher in a cache of the test's own (a one-epoch one): the user's cache may not hold it.
+    cfg = RunConfig.from_mapping({"seed": 3, "teacher-cache-dir": str(tmp_path / "teachers"),
+                                  "teacher-epochs": 1})
+    prepare_teacher(cfg, load_data(cfg))
     torch.manual_seed(0)
     model = build_model(cfg, load_data(cfg))
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -43,6 +47,8 @@ def test_worst_node_predicts_each_node_from_its_class_mix(tmp_path):
         assert row["clean_acc"] == pytest.approx(clean)
         pool += row["train_examples"]
     assert pool == len(load_data(cfg).pool)  # the four partitions cover the pool
+    teacher_class = np.array([p["teacher_pgd20_acc"] for p in result["per_class"]])
+    assert result["teacher_pgd20_acc"] == pytest.approx(teacher_class @ class_n / 200)
 
 
 def test_worst_node_refuses_a_folder_without_a_finished_run(tmp_path, capsys):
