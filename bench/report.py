@@ -593,6 +593,7 @@ def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tu
 
         base = {m: cells(grid_folder, m) for m in baselines}
         base_done = not any(lacking(r) for r in base.values())
+        present = {m: r for m, r in base.items() if r}
         default = cells(default_digits, "pmafl")
         if lacking(default):
             raise SystemExit(f"docs/results/{default_digits}: the default's digits cells lack seeds "
@@ -604,7 +605,6 @@ def rule(candidates: list[tuple[str, str, str]], grid_folder: str, baselines: tu
             fashion_done = base_done and not lacking(runs)
             failed, behind, wants = [], [], []
             aa_text = clean_text = digits_text = "-"
-            present = {m: r for m, r in base.items() if r}
             if runs and present:
                 aa, aa_sd = stats(runs, "aa")
                 margins = []  # (lead in points, the larger std known in points, baseline)
